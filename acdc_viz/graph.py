@@ -1,0 +1,226 @@
+"""The computational graph that ACDC prunes (Conmy et al. 2023), with the names of DESIGN.md.
+
+A transformer's residual stream is a sum of the outputs of everything that ran before. ACDC
+treats each term of that sum as a separate wire from a *source* (the embedding, one attention
+head, one MLP) to a *destination* (an input that reads the stream), so that each wire can be
+cut on its own. Heads read the stream three times, through their query, key and value inputs,
+and those are three destinations: a head that only uses an earlier head to decide *where* to
+attend (its key) is a different circuit from one that copies it (its value).
+
+Names (used in traces, hover texts, the CLI and tests):
+
+- sources: ``Embed``, ``A{l}.{h}`` (head output), ``MLP{l}`` (MLP output);
+- destinations: ``A{l}.{h}.q|k|v``, ``MLP{l}`` (MLP input), ``Out`` (final residual stream);
+- edges: ``{src}->{dest}``, plus ``@{position}`` when the graph is split by token position.
+
+The visit order (``CircuitGraph.edges``) is the order in which ACDC tests the edges. It is
+deterministic and goes from the output towards the input, which is what makes each test cost
+one partial forward pass (nothing below the destination under test has been changed yet):
+
+1. destinations: ``Out``; then for each layer from last to first, ``MLP{l}``, then the heads
+   from last to first, each with its ``q``, ``k`` and ``v`` inputs;
+2. for each destination, its sources from latest to earliest: in the same layer the MLP before
+   the heads, heads from high to low, ``Embed`` last;
+3. with positions, each (source, destination) pair at positions from last to first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+SourceKind = Literal["embed", "head", "mlp"]
+DestKind = Literal["q", "k", "v", "mlp", "out"]
+QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Something that writes to the residual stream.
+
+    ``index`` is its place in forward order (``Embed`` is 0, then each layer's heads, then its
+    MLP); the engine uses it to index stacked activations. ``Embed`` has layer -1.
+    """
+
+    name: str
+    kind: SourceKind
+    layer: int
+    head: int | None
+    index: int
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Something that reads the residual stream. ``Out`` has layer ``n_layers``.
+
+    ``node`` is the drawn node it belongs to: ``A{l}.{h}`` for a head's q/k/v input.
+    """
+
+    name: str
+    kind: DestKind
+    layer: int
+    head: int | None
+    node: str
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One wire from a source to a destination, optionally at one token position."""
+
+    src: Source
+    dest: Destination
+    position: int | None = None
+
+    @property
+    def name(self) -> str:
+        base = f"{self.src.name}->{self.dest.name}"
+        return base if self.position is None else f"{base}@{self.position}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A drawn node: ``Embed``, ``A{l}.{h}``, ``MLP{l}`` or ``Out``, at a position or not.
+
+    ``layer`` is -1 for ``Embed`` and ``n_layers`` for ``Out``.
+    """
+
+    name: str
+    kind: Literal["embed", "head", "mlp", "out"]
+    layer: int
+    head: int | None
+    position: int | None
+
+    @property
+    def key(self) -> str:
+        return self.name if self.position is None else f"{self.name}@{self.position}"
+
+
+def _feeds(src: Source, dest: Destination) -> bool:
+    """Whether ``src`` is computed before ``dest`` reads the stream."""
+    if src.layer < dest.layer:
+        return True
+    return src.layer == dest.layer and src.kind == "head" and dest.kind == "mlp"
+
+
+class CircuitGraph:
+    """All edges of a model's computational graph, in ACDC's visit order.
+
+    Args:
+        n_layers: number of transformer blocks.
+        n_heads: attention heads per block.
+        attn_only: the blocks have no MLP.
+        n_positions: split every edge by token position (prompts must all have this length);
+            ``None`` for one edge over all positions.
+    """
+
+    def __init__(
+        self, n_layers: int, n_heads: int, *, attn_only: bool = False, n_positions: int | None = None
+    ) -> None:
+        if n_layers < 1 or n_heads < 1:
+            raise ValueError(f"a graph needs at least one layer and one head, got {n_layers=}, {n_heads=}")
+        if n_positions is not None and n_positions < 1:
+            raise ValueError(f"n_positions must be positive or None, got {n_positions}")
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.attn_only = attn_only
+        self.n_positions = n_positions
+
+        sources: list[Source] = [Source("Embed", "embed", -1, None, 0)]
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                sources.append(Source(f"A{layer}.{head}", "head", layer, head, len(sources)))
+            if not attn_only:
+                sources.append(Source(f"MLP{layer}", "mlp", layer, None, len(sources)))
+        self.sources: tuple[Source, ...] = tuple(sources)
+
+        dests: list[Destination] = [Destination("Out", "out", n_layers, None, "Out")]
+        for layer in reversed(range(n_layers)):
+            if not attn_only:
+                dests.append(Destination(f"MLP{layer}", "mlp", layer, None, f"MLP{layer}"))
+            for head in reversed(range(n_heads)):
+                node = f"A{layer}.{head}"
+                dests.extend(Destination(f"{node}.{k}", k, layer, head, node) for k in QKV)
+        self.destinations: tuple[Destination, ...] = tuple(dests)
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, n_positions: int | None = None) -> CircuitGraph:
+        """Build from a TransformerLens config (``model.cfg``); no weights are needed."""
+        return cls(cfg.n_layers, cfg.n_heads, attn_only=bool(getattr(cfg, "attn_only", False)),
+                   n_positions=n_positions)
+
+    def sources_of(self, dest: Destination) -> list[Source]:
+        """The sources that feed ``dest``, latest first (the visit order)."""
+        return [s for s in reversed(self.sources) if _feeds(s, dest)]
+
+    @cached_property
+    def edges(self) -> tuple[Edge, ...]:
+        """Every edge, in the visit order."""
+        positions: list[int | None] = (
+            [None] if self.n_positions is None else list(reversed(range(self.n_positions)))
+        )
+        return tuple(
+            Edge(src, dest, pos)
+            for dest in self.destinations
+            for src in self.sources_of(dest)
+            for pos in positions
+        )
+
+    @cached_property
+    def edge_index(self) -> dict[str, int]:
+        """Edge name to its place in the visit order."""
+        return {e.name: i for i, e in enumerate(self.edges)}
+
+    def edge(self, name: str) -> Edge:
+        try:
+            return self.edges[self.edge_index[name]]
+        except KeyError:
+            raise KeyError(f"no edge named {name!r} in this graph ({len(self.edges)} edges, "
+                           f"for example {self.edges[0].name!r})") from None
+
+    @cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        """The drawn nodes, bottom to top (Embed, then per layer heads and MLP, then Out)."""
+        positions: list[int | None] = (
+            [None] if self.n_positions is None else list(range(self.n_positions))
+        )
+        kinds = [(s.name, s.kind, s.layer, s.head) for s in self.sources]
+        kinds.append(("Out", "out", self.n_layers, None))
+        return tuple(Node(n, k, lay, h, p) for (n, k, lay, h) in kinds for p in positions)  # type: ignore[arg-type]
+
+    def node_key(self, node_name: str, position: int | None) -> str:
+        return node_name if position is None else f"{node_name}@{position}"
+
+    def to_networkx(self) -> nx.MultiDiGraph:
+        """A ``networkx.MultiDiGraph`` of the drawn nodes.
+
+        Node keys are ``Node.key`` (``A1.2`` or ``A1.2@5``) with attributes ``kind``, ``layer``,
+        ``head`` and ``position``; each graph edge is keyed by the ACDC edge name and carries
+        ``port`` (``q``/``k``/``v``/``mlp``/``out``) and ``order`` (its place in the visit order).
+        Parallel edges exist because a head is read through three ports.
+        """
+        import networkx as nx
+
+        g = nx.MultiDiGraph()
+        for n in self.nodes:
+            g.add_node(n.key, name=n.name, kind=n.kind, layer=n.layer, head=n.head, position=n.position)
+        for i, e in enumerate(self.edges):
+            g.add_edge(
+                self.node_key(e.src.name, e.position),
+                self.node_key(e.dest.node, e.position),
+                key=e.name,
+                port=e.dest.kind,
+                order=i,
+            )
+        return g
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def __repr__(self) -> str:
+        pos = "" if self.n_positions is None else f", n_positions={self.n_positions}"
+        mlp = ", attn_only=True" if self.attn_only else ""
+        return f"CircuitGraph(n_layers={self.n_layers}, n_heads={self.n_heads}{mlp}{pos}; {len(self)} edges)"
