@@ -1,0 +1,319 @@
+"""ACDC as a generator of steps (Conmy et al. 2023, Algorithm 1).
+
+Each step tests one edge, in the graph's visit order: the metric of the current circuit without
+that edge is compared with the metric of the current circuit, and the edge is removed for good if
+the metric grows by less than tau. A caller can stop between any two steps (the trace so far is
+kept, with the position to resume from), pause by simply not asking for the next step, or run to
+the end with ``run()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from acdc_viz.data import TokenPairs
+from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
+from acdc_viz.graph import CircuitGraph, Edge
+from acdc_viz.metrics import Metric, MetricFn, resolve_metric
+from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model
+from acdc_viz.patching import ABLATIONS, CircuitRunner
+from acdc_viz.trace import Step, Trace
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+class DecisionMismatch(AcdcVizError, AssertionError):
+    """``test_mode`` found the fast engine and the hooked slow path disagreeing."""
+
+
+def check_tau(tau: Any) -> float:
+    """tau must be a finite, non-negative number."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        try:
+            tau = float(tau)
+        except (TypeError, ValueError):
+            raise SettingsError(f"tau must be a number, got {tau!r}") from None
+    tau = float(tau)
+    if math.isnan(tau) or math.isinf(tau) or tau < 0:
+        raise SettingsError(
+            f"tau must be a finite number >= 0, got {tau}. ACDC removes an edge when the metric "
+            "grows by less than tau; typical values are 1e-4 .. 1e-1."
+        )
+    return tau
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"device {str(device)!r} was asked for, but CUDA is not available here; use 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SettingsError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("acdc_viz", "torch", "transformer_lens"):
+        try:
+            out[pkg] = version(pkg.replace("_", "-"))
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def data_hash(pairs: TokenPairs) -> str:
+    h = hashlib.sha256()
+    for t in (pairs.clean, pairs.corrupt):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.to("cpu", torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AcdcSettings:
+    """What a run depends on, besides the model and the data."""
+
+    tau: float
+    metric: str
+    ablation: str
+    positions: bool
+    abs_delta: bool
+    device: str
+    dtype: str
+
+
+class Acdc:
+    """One ACDC run over a model and a batch of prompt pairs.
+
+    Args:
+        model: a TransformerLens model (4.x ``TransformerBridge`` or 3.x ``HookedTransformer``),
+            or ready ``TransformerWeights``.
+        pairs: clean and corrupt token ids of equal shape (``TokenPairs`` or anything
+            ``TokenPairs.from_batch`` takes).
+        tau: the removal threshold, finite and >= 0.
+        metric: ``"kl"`` (default), ``"mse"``, a ``Metric`` or a callable
+            ``fn(circuit_logits, full_logits)``.
+        ablation: ``"resample"`` (default), ``"zero"`` or ``"mean"``.
+        positions: split every edge by token position.
+        all_positions: the built-in metrics average over all positions instead of the last.
+        abs_delta: remove when ``|delta| < tau`` instead of ``delta < tau``.
+        device, dtype: where and in what precision to run (float32 by default).
+        test_mode: re-check every step through a full hooked forward pass of ``model``, and raise
+            ``DecisionMismatch`` if it disagrees.
+        resume: a stopped ``Trace`` of the same model, data and settings to continue.
+        model_name: how the trace names the model.
+        tokens: token strings of one prompt, for the figure's column labels.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        pairs: Any,
+        *,
+        tau: float,
+        metric: str | Metric | MetricFn = "kl",
+        ablation: str = "resample",
+        positions: bool = False,
+        all_positions: bool = False,
+        abs_delta: bool = False,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        test_mode: bool = False,
+        resume: Trace | None = None,
+        model_name: str | None = None,
+        tokens: list[str] | None = None,
+    ) -> None:
+        self.tau = check_tau(tau)
+        if ablation not in ABLATIONS:
+            raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
+        self.metric = resolve_metric(metric, all_positions=all_positions)
+        self.abs_delta = bool(abs_delta)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        pairs = pairs if isinstance(pairs, TokenPairs) else TokenPairs.from_batch(pairs)
+        self.pairs = pairs
+        self.model = None if isinstance(model, TransformerWeights) else model
+        if isinstance(model, TransformerWeights):
+            weights = model
+            cfg_hash = "weights"
+        else:
+            pairs.check_vocab(int(model.cfg.d_vocab))
+            weights = from_model(model, pairs.clean[: min(4, pairs.batch_size)].to(_model_device(model)))
+            cfg_hash = config_hash(model.cfg)
+        if positions and pairs.seq_len > weights.n_ctx:
+            raise SettingsError(f"prompts of {pairs.seq_len} tokens exceed the model's context of {weights.n_ctx}")
+        self.weights = weights.to(self.device, self.dtype)
+        self.graph = CircuitGraph(
+            weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
+            n_positions=pairs.seq_len if positions else None,
+        )
+        self.settings = AcdcSettings(self.tau, self.metric.name, ablation, bool(positions),
+                                     self.abs_delta, str(self.device), str(self.dtype).removeprefix("torch."))
+        self.test_mode = test_mode
+        if test_mode and self.model is None:
+            raise SettingsError("test_mode needs the TransformerLens model itself, not TransformerWeights")
+        clean, corrupt = pairs.clean.to(self.device), pairs.corrupt.to(self.device)
+        self._clean, self._corrupt = clean, corrupt
+        self.runner = CircuitRunner(self.weights, self.graph, clean, corrupt, ablation,  # type: ignore[arg-type]
+                                    last_position_only=self.metric.last_position_only)
+        initial = self.metric(self.runner.full_logits, self.runner.full_logits)
+        self.trace = Trace(
+            settings={
+                "model": {"name": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or "model",
+                          "config_hash": cfg_hash, "n_layers": weights.n_layers,
+                          "n_heads": weights.n_heads, "d_model": int(weights.W_E.shape[1]),
+                          "attn_only": weights.attn_only},
+                "tau": self.tau, "metric": self.metric.name, "ablation": ablation,
+                "positions": bool(positions), "abs_delta": self.abs_delta,
+                "device": str(self.device), "dtype": self.settings.dtype,
+                "batch_size": pairs.batch_size, "seq_len": pairs.seq_len,
+                "data_hash": data_hash(pairs), "versions": _versions(),
+            },
+            graph=self.graph, steps=[], initial_metric=initial, status="stopped", tokens=tokens,
+        )
+        self.current_metric = initial
+        if resume is not None:
+            self._replay(resume)
+
+    # ----- resume ------------------------------------------------------------------------------
+
+    def _replay(self, old: Trace) -> None:
+        keys = ("model", "tau", "metric", "ablation", "positions", "abs_delta", "data_hash", "dtype")
+        for key in keys:
+            a, b = old.settings.get(key), self.trace.settings.get(key)
+            if key == "model":
+                a = {k: v for k, v in (a or {}).items() if k != "name"}
+                b = {k: v for k, v in b.items() if k != "name"}
+            if a != b:
+                raise SettingsError(
+                    f"cannot resume: the trace was recorded with {key}={a!r}, this run has {key}={b!r}. "
+                    "Resume with the same model, data and settings, or start a new run."
+                )
+        for step in old.steps:
+            if step.removed:
+                self.runner.set_removed(self.graph.edge(step.edge), True)
+        self.trace.steps = list(old.steps)
+        self.trace.tokens = self.trace.tokens or old.tokens
+        self.current_metric = old.metric_after(len(old.steps) - 1)
+        if len(old.steps) == len(self.graph.edges):
+            self.trace.finish()
+
+    # ----- the algorithm -----------------------------------------------------------------------
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.graph.edges)
+
+    @property
+    def kept_edges(self) -> int:
+        return self.trace.steps[-1].kept_edges if self.trace.steps else self.n_edges
+
+    @property
+    def done(self) -> bool:
+        return self.trace.is_complete
+
+    def _metric_without(self, edge: Edge) -> float:
+        self.runner.set_removed(edge, True)
+        try:
+            logits = self.runner.logits_for(edge)
+            return self.metric(logits, self.runner.full_logits)
+        finally:
+            self.runner.set_removed(edge, False)
+
+    def _decide(self, delta: float) -> bool:
+        return (abs(delta) if self.abs_delta else delta) < self.tau
+
+    def steps(self) -> Iterator[Step]:
+        """Test the remaining edges one at a time, yielding a ``Step`` after each."""
+        edges = self.graph.edges
+        while len(self.trace.steps) < len(edges):
+            index = len(self.trace.steps)
+            edge = edges[index]
+            start = time.perf_counter()
+            try:
+                after = self._metric_without(edge)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise RunOutOfMemory(
+                    f"out of memory while testing edge {index} ({edge.name}) on {self.device}: {exc}. "
+                    f"The {index} steps so far are kept (exception.trace; save it and resume). Try a "
+                    f"smaller batch than {self.pairs.batch_size} prompts, or a shorter prompt.",
+                    trace=self.trace,
+                ) from exc
+            if not math.isfinite(after):
+                raise AcdcVizError(
+                    f"the metric is {after} without edge {edge.name}; check the metric and the "
+                    "model's dtype (float16 can overflow). The steps so far are kept in .trace."
+                )
+            removed = self._decide(after - self.current_metric)
+            if self.test_mode:
+                self._check(edge, after, removed)
+            if removed:
+                self.runner.set_removed(edge, True)
+                self.current_metric = after
+            step = self.trace.record(after, removed, time.perf_counter() - start)
+            if len(self.trace.steps) == len(edges):
+                self.trace.finish()
+            yield step
+
+    def run(self, callback: Callable[[Step], None] | None = None) -> Trace:
+        """Run to the end and return the trace."""
+        for step in self.steps():
+            if callback is not None:
+                callback(step)
+        return self.trace
+
+    # ----- test mode ---------------------------------------------------------------------------
+
+    def _check(self, edge: Edge, fast_after: float, removed: bool) -> None:
+        from acdc_viz.hooked import hooked_logits
+
+        removed_edges = [self.graph.edge(s.edge) for s in self.trace.steps if s.removed] + [edge]
+        logits = hooked_logits(self.model, self._clean, self._corrupt,
+                               removed_edges, self.settings.ablation,
+                               last_position_only=self.metric.last_position_only)
+        slow_after = self.metric(logits.to(self.dtype), self.runner.full_logits)
+        tol = 1e-4 * max(1.0, abs(slow_after))
+        slow_removed = self._decide(slow_after - self.current_metric)
+        if abs(slow_after - fast_after) > tol or (slow_removed != removed and abs(fast_after - self.current_metric - self.tau) > tol):
+            raise DecisionMismatch(
+                f"test_mode: edge {edge.name}: the engine measured {fast_after!r} (removed={removed}), "
+                f"the hooked full forward pass {slow_after!r} (removed={slow_removed})."
+            )
+
+    def final_metric_from_scratch(self) -> float:
+        """Recompute the kept circuit's metric with one full forward pass from the embeddings."""
+        return self.metric(self.runner.logits_from(0, "attn"), self.runner.full_logits)
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def run_acdc(model: Any, pairs: Any, **kwargs: Any) -> Trace:
+    """Run ACDC to the end; keyword arguments as for ``Acdc``."""
+    return Acdc(model, pairs, **kwargs).run()

@@ -1,0 +1,251 @@
+"""Forward passes of a circuit: the full model with some edges replaced by ablated values.
+
+Removing the edge ``src -> dest`` changes dest's input to
+
+    current input - src's current output + src's ablated output.
+
+So a destination's input is the ordinary residual stream plus a *correction*
+``sum over removed sources (ablated - current)``. We keep the removed edges as 0/1 masks
+``mask[dest_row, source, position]`` and compute each correction with one matrix product,
+only for destinations that have removed edges. Everything else runs as one ordinary batched
+forward pass: no per-head hooks on the hot path.
+
+ACDC visits destinations from the output down, so when it tests an edge into a block,
+nothing below that block has been changed: a test starts from the cached clean residual stream
+at that block (``logits_from``). Corrections are split into the part from sources below the
+starting block (fixed during a test, cached per destination group) and the part from sources
+recomputed in the pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from acdc_viz.graph import QKV, CircuitGraph, Edge
+from acdc_viz.models.adapter import TransformerWeights
+
+Ablation = Literal["resample", "zero", "mean"]
+ABLATIONS: tuple[str, ...] = ("resample", "zero", "mean")
+Stage = Literal["attn", "mlp", "out"]
+
+
+@dataclass
+class _Group:
+    """Destinations corrected together: one layer's q/k/v inputs, one MLP input, or Out."""
+
+    rows: list[int]            # mask rows that belong to the group
+    active: list[int]          # rows with at least one removed edge, ascending
+    version: int = 0           # bumped whenever a row's mask changes
+    cache_key: tuple[int, int] | None = None
+    cache: torch.Tensor | None = None
+
+
+class CircuitRunner:
+    """Caches for one model, one batch of prompt pairs and one ablation; runs partial forwards.
+
+    Args:
+        weights: the model, as ``TransformerWeights``.
+        graph: the computational graph (split by position or not).
+        clean, corrupt: token ids, (batch, pos), already on the weights' device.
+        ablation: ``resample`` (corrupt activations), ``zero`` or ``mean`` (batch mean of the
+            corrupt activations).
+        last_position_only: return logits only at the last position.
+    """
+
+    def __init__(
+        self,
+        weights: TransformerWeights,
+        graph: CircuitGraph,
+        clean: torch.Tensor,
+        corrupt: torch.Tensor,
+        ablation: Ablation = "resample",
+        *,
+        last_position_only: bool = True,
+    ) -> None:
+        self.w = weights
+        self.graph = graph
+        self.last_position_only = last_position_only
+        self.n_layers, self.n_heads = weights.n_layers, weights.n_heads
+        self.n_pos = 1 if graph.n_positions is None else graph.n_positions
+        n_src = len(graph.sources)
+        self._head0 = [graph.sources.index(next(s for s in graph.sources if s.layer == lay)) for lay in range(self.n_layers)]
+        self._mlp_src = [h0 + self.n_heads for h0 in self._head0]
+
+        with torch.no_grad():
+            clean_run = self._full_run(clean)
+            ablated = self._full_run(corrupt)["sources"]
+        if ablation == "zero":
+            ablated = torch.zeros_like(ablated[:, :1]).expand_as(ablated)
+        elif ablation == "mean":
+            ablated = ablated.mean(1, keepdim=True).expand_as(ablated)
+        self.resid_pre: list[torch.Tensor] = clean_run["resid_pre"]
+        self.resid_mid: list[torch.Tensor] = clean_run["resid_mid"]
+        self.resid_final: torch.Tensor = clean_run["resid_final"]
+        self.full_logits: torch.Tensor = clean_run["logits"]
+        self.ablated = ablated
+        self.diff_clean = ablated - clean_run["sources"]          # ablated - current, for clean sources
+        self.work = torch.empty_like(self.diff_clean)             # ablated - current, recomputed sources
+        del clean_run
+
+        # One mask row per destination, in forward order: per layer 3*n_heads q/k/v rows
+        # (letter-major), then the MLP row; Out last.
+        self._row_stride = 3 * self.n_heads + 1
+        n_rows = self.n_layers * self._row_stride + 1
+        self.mask = torch.zeros(n_rows, n_src, self.n_pos, dtype=weights.dtype, device=weights.device)
+        self.groups: dict[tuple[int, str], _Group] = {}
+        for layer in range(self.n_layers):
+            base = layer * self._row_stride
+            self.groups[(layer, "qkv")] = _Group(list(range(base, base + 3 * self.n_heads)), [])
+            self.groups[(layer, "mlp")] = _Group([base + 3 * self.n_heads], [])
+        self.groups[(self.n_layers, "out")] = _Group([n_rows - 1], [])
+
+    # ----- the circuit -------------------------------------------------------------------------
+
+    def row_of(self, edge: Edge) -> int:
+        d = edge.dest
+        if d.kind == "out":
+            return self.mask.shape[0] - 1
+        base = d.layer * self._row_stride
+        if d.kind == "mlp":
+            return base + 3 * self.n_heads
+        assert d.head is not None
+        return base + QKV.index(d.kind) * self.n_heads + d.head
+
+    def _group_of(self, edge: Edge) -> _Group:
+        d = edge.dest
+        key = (d.layer, "qkv" if d.kind in QKV else d.kind)
+        return self.groups[key]
+
+    def set_removed(self, edge: Edge, removed: bool) -> None:
+        """Remove (or restore) one edge."""
+        row = self.row_of(edge)
+        pos = 0 if edge.position is None else edge.position
+        self.mask[row, edge.src.index, pos] = 1.0 if removed else 0.0
+        group = self._group_of(edge)
+        group.version += 1
+        is_active = bool(self.mask[row].any())
+        if is_active and row not in group.active:
+            group.active = sorted([*group.active, row])
+        elif not is_active and row in group.active:
+            group.active = [r for r in group.active if r != row]
+
+    # ----- forward passes ----------------------------------------------------------------------
+
+    def _full_run(self, tokens: torch.Tensor) -> dict:
+        """A plain forward pass that records every source's output and the residual streams."""
+        w = self.w
+        resid = w.embed(tokens)
+        sources = [resid]
+        resid_pre, resid_mid = [], []
+        for layer, lw in enumerate(w.layers):
+            resid_pre.append(resid)
+            heads = w.attention(layer, *w.qkv(layer, lw.ln1(resid)))
+            sources.extend(heads.unbind(0))
+            resid = resid + heads.sum(0) + lw.b_O
+            resid_mid.append(resid)
+            if not w.attn_only:
+                out = lw.mlp(resid, w.act)
+                sources.append(out)
+                resid = resid + out
+        return {
+            "sources": torch.stack(sources),
+            "resid_pre": resid_pre,
+            "resid_mid": resid_mid,
+            "resid_final": resid,
+            "logits": self._logits(resid),
+        }
+
+    def _logits(self, resid: torch.Tensor) -> torch.Tensor:
+        if self.last_position_only:
+            resid = resid[:, -1]
+        return self.w.unembed(resid)
+
+    def _contract(self, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """sum_s mask[r, s, p] * values[s, b, p, d]  ->  (r, b, p, d)."""
+        if self.n_pos == 1:
+            return (mask[:, :, 0] @ values.flatten(1)).view(mask.shape[0], *values.shape[1:])
+        return torch.einsum("rsp,sbpd->rbpd", mask, values)
+
+    def _correction(self, group: _Group, s_end: int, s0: int) -> torch.Tensor | None:
+        """Corrections (active rows, batch, pos, d_model) for a group whose sources are [0, s_end).
+
+        Sources with index < s0 have their clean outputs in this pass, so their part is cached
+        until the group's mask changes; the rest use this pass's outputs (``self.work``).
+        """
+        if not group.active:
+            return None
+        s_fixed = min(s0, s_end)
+        key = (s_fixed, group.version)
+        if group.cache_key != key:
+            rows = self.mask[group.active, :s_fixed]
+            group.cache = self._contract(rows, self.diff_clean[:s_fixed])
+            group.cache_key = key
+        assert group.cache is not None
+        if s_end <= s0:
+            return group.cache
+        rows = self.mask[group.active, s0:s_end]
+        return group.cache + self._contract(rows, self.work[s0:s_end])
+
+    def _attention(self, layer: int, resid: torch.Tensor, s0: int) -> torch.Tensor:
+        w, lw = self.w, self.w.layers[layer]
+        q, k, v = w.qkv(layer, lw.ln1(resid))
+        group = self.groups[(layer, "qkv")]
+        corr = self._correction(group, self._head0[layer], s0)
+        if corr is not None:
+            normed = lw.ln1(resid.unsqueeze(0) + corr)             # (rows, batch, pos, d_model)
+            base = group.rows[0]
+            for letter, (target, W, b) in enumerate(
+                ((q, lw.W_Q, lw.b_Q), (k, lw.W_K, lw.b_K), (v, lw.W_V, lw.b_V))
+            ):
+                sel = [i for i, r in enumerate(group.active) if (r - base) // self.n_heads == letter]
+                if not sel:
+                    continue
+                heads = [group.active[i] - base - letter * self.n_heads for i in sel]
+                x = normed[sel] if len(sel) < len(group.active) else normed
+                proj = torch.einsum("rbpd,rde->brpe", x, W[heads]) + b[heads][None, :, None, :]
+                target[:, heads] = proj
+        heads_out = w.attention(layer, q, k, v)                    # (heads, batch, pos, d_model)
+        h0 = self._head0[layer]
+        torch.sub(self.ablated[h0:h0 + self.n_heads], heads_out, out=self.work[h0:h0 + self.n_heads])
+        return heads_out.sum(0) + lw.b_O
+
+    def _mlp(self, layer: int, resid: torch.Tensor, s0: int) -> torch.Tensor:
+        lw = self.w.layers[layer]
+        src = self._mlp_src[layer]
+        corr = self._correction(self.groups[(layer, "mlp")], src, s0)
+        out = lw.mlp(resid if corr is None else resid + corr[0], self.w.act)
+        torch.sub(self.ablated[src], out, out=self.work[src])
+        return out
+
+    def logits_from(self, layer: int, stage: Stage) -> torch.Tensor:
+        """Logits of the current circuit, recomputing only from ``stage`` of block ``layer`` up.
+
+        Exact as long as no edge into a destination below that point is removed, which ACDC's
+        visit order guarantees.
+        """
+        n_src = self.mask.shape[1]
+        with torch.no_grad():
+            if stage == "out":
+                resid, s0 = self.resid_final, n_src
+            elif stage == "mlp":
+                resid, s0 = self.resid_mid[layer], self._mlp_src[layer]
+            else:
+                resid, s0 = self.resid_pre[layer], self._head0[layer]
+            for lay in range(layer, self.n_layers) if stage != "out" else ():
+                if lay > layer or stage == "attn":
+                    resid = resid + self._attention(lay, resid, s0)
+                if not self.w.attn_only:
+                    resid = resid + self._mlp(lay, resid, s0)
+            corr = self._correction(self.groups[(self.n_layers, "out")], n_src, s0)
+            if corr is not None:
+                resid = resid + corr[0]
+            return self._logits(resid)
+
+    def logits_for(self, edge: Edge) -> torch.Tensor:
+        """Logits of the current circuit, starting at ``edge``'s destination block."""
+        d = edge.dest
+        stage: Stage = "out" if d.kind == "out" else ("mlp" if d.kind == "mlp" else "attn")
+        return self.logits_from(d.layer, stage)
