@@ -1,0 +1,46 @@
+"""acdc_viz: Automatic Circuit Discovery (Conmy et al. 2023) on TransformerLens models, step by step.
+
+    from acdc_viz import Acdc, TokenPairs
+    acdc = Acdc(model, TokenPairs(clean, corrupt), tau=1e-2)
+    for step in acdc.steps():      # one tested edge per step; stop whenever you like
+        ...
+    trace = acdc.trace             # save_trace(trace, "run.json"); load_trace(...) to resume
+"""
+
+from acdc_viz.acdc import Acdc, DecisionMismatch, EdgeScores, acdc_prune_scores, run_acdc
+from acdc_viz.data import DataError, TokenPairs, load_token_pairs, save_token_pairs
+from acdc_viz.errors import AcdcVizError, ModelSupportError, RunOutOfMemory, SettingsError
+from acdc_viz.graph import CircuitGraph, Destination, Edge, Source
+from acdc_viz.metrics import Metric
+from acdc_viz.models.loading import ModelLoadError, load_model
+from acdc_viz.trace import Step, Trace, TraceError, load_trace, save_trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Acdc",
+    "AcdcVizError",
+    "CircuitGraph",
+    "DataError",
+    "DecisionMismatch",
+    "Destination",
+    "Edge",
+    "EdgeScores",
+    "Metric",
+    "ModelLoadError",
+    "ModelSupportError",
+    "RunOutOfMemory",
+    "SettingsError",
+    "Source",
+    "Step",
+    "TokenPairs",
+    "Trace",
+    "TraceError",
+    "acdc_prune_scores",
+    "load_model",
+    "load_token_pairs",
+    "run_acdc",
+    "save_token_pairs",
+    "save_trace",
+    "load_trace",
+]

@@ -24,7 +24,7 @@ from acdc_viz.data import TokenPairs
 from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
 from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
-from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model
+from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
 from acdc_viz.patching import ABLATIONS, CircuitRunner
 from acdc_viz.trace import Step, Trace
 
@@ -159,7 +159,7 @@ class Acdc:
             weights = model
             cfg_hash = "weights"
         else:
-            pairs.check_vocab(int(model.cfg.d_vocab))
+            pairs.check_vocab(int(model_config(model).d_vocab))
             weights = from_model(model, pairs.clean[: min(4, pairs.batch_size)].to(_model_device(model)))
             cfg_hash = config_hash(model.cfg)
         if positions and pairs.seq_len > weights.n_ctx:
@@ -317,3 +317,72 @@ def _model_device(model: Any) -> torch.device:
 def run_acdc(model: Any, pairs: Any, **kwargs: Any) -> Trace:
     """Run ACDC to the end; keyword arguments as for ``Acdc``."""
     return Acdc(model, pairs, **kwargs).run()
+
+
+EdgeScores = dict[str, float]
+"""ACDC scores keyed by edge name (``"A0.3->A1.2.k"``, with ``"@pos"`` in position mode).
+
+An edge's score is the smallest tau at which ACDC removed it, or ``+inf`` if no tau removed it.
+Higher means more important, as with auto-circuit's ``PruneScores`` (which keys tensors by module
+instead: here every edge has its own entry, so a score is looked up by the name a trace uses).
+"""
+
+_FAITHFULNESS = {"kl_div": "kl", "kl": "kl", "mse": "mse"}
+
+
+def acdc_prune_scores(
+    model: Any,
+    dataloader: Any,
+    official_edges: Any = None,
+    tao_exps: list[int] | tuple[int, ...] = (-5, -4, -3, -2),
+    tao_bases: list[int] | tuple[int, ...] = (1, 3, 5, 7, 9),
+    faithfulness_target: str = "kl_div",
+    test_mode: bool = False,
+    *,
+    ablation: str = "resample",
+    positions: bool = False,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    callback: Callable[[float, Trace], None] | None = None,
+) -> EdgeScores:
+    """auto-circuit's entry point: run ACDC at every tau = base * 10**exp and score the edges.
+
+    Args:
+        model: a TransformerLens model (4.x bridge or 3.x HookedTransformer).
+        dataloader: an iterable of batches with ``.clean``/``.corrupt`` token tensors (auto-circuit's
+            ``PromptDataLoader``), dicts or tuples; only the first batch is used, as in auto-circuit.
+        official_edges: edge names of a known circuit, or None; only used for logging how many of
+            them each tau keeps.
+        tao_exps, tao_bases: the grid of thresholds (auto-circuit's spelling).
+        faithfulness_target: ``"kl_div"`` or ``"mse"``.
+        test_mode: re-check every decision with a hooked full forward pass (slow).
+        callback: called with ``(tau, trace)`` after each run, e.g. to save the traces.
+
+    Returns:
+        ``EdgeScores``: edge name -> smallest tau that removed it, ``+inf`` if none did.
+    """
+    if faithfulness_target not in _FAITHFULNESS:
+        raise SettingsError(
+            f"unknown faithfulness_target {faithfulness_target!r}: expected 'kl_div' or 'mse'"
+        )
+    pairs = TokenPairs.from_dataloader(dataloader)
+    taus = sorted({check_tau(float(f"{base}e{exp}")) for exp in tao_exps for base in tao_bases})
+    if not taus:
+        raise SettingsError("tao_exps and tao_bases give no thresholds")
+    official = {getattr(e, "name", e) for e in official_edges} if official_edges else set()
+    scores: EdgeScores = {}
+    for tau in taus:
+        trace = Acdc(model, pairs, tau=tau, metric=_FAITHFULNESS[faithfulness_target],
+                     ablation=ablation, positions=positions, device=device, dtype=dtype,
+                     test_mode=test_mode).run()
+        if not scores:
+            scores = {e.name: math.inf for e in trace.graph.edges}
+        for step in trace.steps:
+            if step.removed and scores[step.edge] == math.inf:
+                scores[step.edge] = tau
+        kept = set(trace.final_kept_edges)
+        log.info("tau=%g: %d edges kept%s", tau, len(kept),
+                 f", {len(kept & official)}/{len(official)} official" if official else "")
+        if callback is not None:
+            callback(tau, trace)
+    return scores

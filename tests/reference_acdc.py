@@ -168,6 +168,7 @@ class _Info(NamedTuple):
     W_K: torch.Tensor | None
     W_V: torch.Tensor | None
     W_O: torch.Tensor | None  # native mode only: (layers, heads, d_head, d_model)
+    out_hook: str  # where the Out destination's input is patched
 
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -204,7 +205,11 @@ def _prepared(bridge) -> Iterator[_Info]:
                 ws = [getattr(bridge, n).detach().clone() for n in ("W_Q", "W_K", "W_V", "W_O")]
         else:
             ws = [None] * 4
-        yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws)
+        # TL 4 bridges have ln_final.hook_in; TL 3's HookedTransformer does not, and there the
+        # last block's hook_resid_post feeds only ln_final.
+        out_hook = ("ln_final.hook_in" if "ln_final.hook_in" in bridge.hook_dict
+                    else f"blocks.{int(cfg.n_layers) - 1}.hook_resid_post")
+        yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws, out_hook)
     finally:
         for f, v in old_flags.items():
             cur = bool(getattr(cfg, f, False))
@@ -289,7 +294,9 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
         def patch_out(x, hook, es=by_dest["Out"]):
             return x + _correction(es, current, ablated, x)
 
-        hooks.append(("ln_final.hook_in", patch_out))
+        # TL 4 bridges name the final stream's input ln_final.hook_in; TL 3's HookedTransformer
+        # has no such hook, and its last block's hook_resid_post feeds only ln_final.
+        hooks.append((info.out_hook, patch_out))
 
     for l in range(info.n_layers):
         if f"MLP{l}" in by_dest:
@@ -316,7 +323,8 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
                         )
                     return out
 
-                hooks.append((f"blocks.{l}.attn.hook_{x_kind}_input", patch_in))
+                # blocks.{l}.hook_q_input: TL 3's name, which TL 4 bridges keep as an alias.
+                hooks.append((f"blocks.{l}.hook_{x_kind}_input", patch_in))
             else:
                 W = {"q": info.W_Q, "k": info.W_K, "v": info.W_V}[x_kind][
                     l

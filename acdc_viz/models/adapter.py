@@ -166,7 +166,8 @@ class TransformerWeights:
         })
 
 
-def _cfg(model: Any) -> Any:
+def model_config(model: Any) -> Any:
+    """``model.cfg``, or a ModelSupportError saying what kind of model acdc_viz expects."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "n_layers"):
         raise ModelSupportError(
@@ -222,7 +223,7 @@ def from_model(model: Any, check_tokens: torch.Tensor | None = None, *, atol: fl
     ``ModelSupportError`` is raised when they differ by more than ``atol`` (relative to the
     logits' scale).
     """
-    cfg = _cfg(model)
+    cfg = model_config(model)
     _check_supported(cfg)
     try:
         with torch.no_grad():

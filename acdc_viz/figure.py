@@ -1,0 +1,608 @@
+"""The seq-graph figure: a Trace drawn at any step, updated in place as a run goes on.
+
+The figure holds a fixed set of traces (``TRACE_NAMES``), whatever the graph's size: edges are
+grouped by state (not yet tested, kept, under test, removed) and, for kept edges, by the sign
+of their effect and a width class, each group one line trace of None-separated curves. A run
+of 30,000 edges is a dozen SVG paths, not 30,000, and a step changes the data of those traces
+inside one ``batch_update`` instead of rebuilding anything.
+
+What each step means (``step`` is an index into ``trace.steps``):
+
+- the figure shows the circuit *after* step ``step``: edges removed by steps ``0..step`` are
+  removed, every other edge is kept (untested edges included, as ACDC starts from the full
+  graph);
+- the edge *under test* is edge ``step``, the one that step tested, drawn highlighted whatever
+  was decided (its hover says the decision);
+- ``step=-1`` is the full graph before any test; ``None`` is the last recorded step.
+
+Width grows with |Δmetric| in three classes measured in multiples of tau (below 10 tau, below
+100 tau, above), so an edge keeps its width as the run goes on. Colours are from the
+Okabe-Ito palette, which stays distinguishable under the common colour-vision deficiencies:
+vermillion for kept edges whose removal raises the metric (Δ > 0), blue for Δ < 0.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from acdc_viz.graph import CircuitGraph
+from acdc_viz.layout import CELL_FILL, GraphKey, Layout, check_layout, graph_key, layout_of
+from acdc_viz.trace import Trace
+
+# Okabe & Ito (2008), "Color Universal Design".
+VERMILLION = "#D55E00"
+BLUE = "#0072B2"
+SKY_BLUE = "#56B4E9"
+BLUISH_GREEN = "#009E73"
+YELLOW = "#F0E442"
+ORANGE = "#E69F00"
+REDDISH_PURPLE = "#CC79A7"
+BLACK = "#000000"
+GREY = "#8C8C8C"
+LIGHT_GREY = "#C8C8C8"
+
+WIDTHS = (1.2, 2.6, 4.5)
+"""Line widths (px) of kept edges with |Δ| < 10 tau, < 100 tau, and above."""
+
+WIDTH_STEPS = (10.0, 100.0)
+"""The class boundaries of ``WIDTHS``, in multiples of tau."""
+
+CURVE_POINTS = 9
+"""Points per drawn edge (a quadratic curve), plus one NaN that separates it from the next."""
+
+TRACE_NAMES = (
+    "removed",
+    "not yet tested",
+    "kept, Δ > 0 (small)", "kept, Δ > 0", "kept, Δ > 0 (large)",
+    "kept, Δ < 0 (small)", "kept, Δ < 0", "kept, Δ < 0 (large)",
+    "under test",
+    "selected paths",
+    "hover",
+    "nodes",
+)
+"""The figure's traces, bottom to top; ``fig.data[i].name`` is ``TRACE_NAMES[i]``.
+
+``hover`` holds the q/k/v port markers and one invisible marker at the middle of each drawn
+edge (its ``customdata`` is the edge or port name); ``nodes`` holds one marker per node, with
+the node key (``A1.2@5``) in ``customdata``, which is what a click handler passes to
+``paths_through``.
+"""
+
+_KEPT = {("+", 0): 2, ("+", 1): 3, ("+", 2): 4, ("-", 0): 5, ("-", 1): 6, ("-", 2): 7}
+_REMOVED, _UNTESTED, _UNDER_TEST, _PATHS, _HOVER, _NODES = 0, 1, 8, 9, 10, 11
+_EDGE_TRACES = (_REMOVED, _UNTESTED, *_KEPT.values(), _UNDER_TEST)
+_NODE_FILL = {"embed": "#3A3A3A", "out": "#3A3A3A", "head": SKY_BLUE, "mlp": ORANGE}
+_NODE_SYMBOL = {"embed": "diamond", "out": "diamond", "head": "circle", "mlp": "square"}
+_KIND_TEXT = {"embed": "embedding (residual stream at the start)", "out": "output (final "
+              "residual stream)", "head": "attention head", "mlp": "MLP"}
+_PORT_TEXT = {"q": "query", "k": "key", "v": "value"}
+_META_KEY = "acdc_viz"
+
+
+# -- the state of every edge after a step --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Every edge's state after one step, computed from the trace alone.
+
+    Arrays are indexed like ``trace.graph.edges`` (the visit order).
+
+    Attributes:
+        step: the step shown (-1: before any step).
+        tested: the edge was tested in steps ``0..step``.
+        removed: the edge was removed in steps ``0..step``.
+        delta: the Δmetric of the edge's test (NaN if not tested yet).
+        under_test: the index of the edge tested at ``step`` (None for -1).
+    """
+
+    step: int
+    tested: np.ndarray
+    removed: np.ndarray
+    delta: np.ndarray
+    under_test: int | None
+
+    @property
+    def kept(self) -> np.ndarray:
+        return ~self.removed
+
+    def state_of(self, index: int) -> str:
+        """``"under test"``, ``"removed"``, ``"kept"`` or ``"untested"``."""
+        if index == self.under_test:
+            return "under test"
+        if self.removed[index]:
+            return "removed"
+        return "kept" if self.tested[index] else "untested"
+
+
+def resolve_step(trace: Trace, step: int | None) -> int:
+    """``step`` checked against the trace; None becomes the last recorded step (-1 if none)."""
+    if step is None:
+        return len(trace.steps) - 1
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int or None, got {type(step).__name__} {step!r}")
+    step = int(step)
+    trace._check_step_arg(step)  # IndexError that names the valid range
+    return step
+
+
+def step_state(trace: Trace, step: int | None = None) -> StepState:
+    """The state of every edge after ``step`` (see the module docstring)."""
+    step = resolve_step(trace, step)
+    n = trace.n_edges
+    done = trace.steps[: step + 1]
+    tested = np.zeros(n, dtype=bool)
+    tested[: len(done)] = True  # step i tests edge i
+    removed = np.zeros(n, dtype=bool)
+    removed[: len(done)] = np.fromiter((s.removed for s in done), dtype=bool, count=len(done))
+    delta = np.full(n, np.nan)
+    delta[: len(done)] = np.fromiter((s.delta for s in done), dtype=float, count=len(done))
+    return StepState(step, tested, removed, delta, None if step < 0 else step)
+
+
+# -- paths through a node ------------------------------------------------------------------
+
+
+def paths_through(trace: Trace, step: int | None, node_key: str) -> set[str]:
+    """The kept edges on the node's paths to ``Out`` and from ``Embed``, after ``step``.
+
+    An edge counts if it lies on some path of kept edges from ``node_key`` to ``Out``, or from
+    ``Embed`` to ``node_key`` (at the node's position: no edge crosses positions). For ``Out``
+    that is the whole connected circuit. ``node_key`` is a ``Node.key`` (``A1.2``, ``A1.2@5``).
+    """
+    geo = _geometry(graph_key(trace.graph), "seq")
+    node = geo.node_index.get(node_key)
+    if node is None:
+        raise KeyError(f"no node {node_key!r} in this graph; node keys look like "
+                       f"{geo.node_keys[min(1, len(geo.node_keys) - 1)]!r} (see Node.key)")
+    state = step_state(trace, step)
+    kept = np.flatnonzero(state.kept)
+    src, dst = geo.src[kept], geo.dst[kept]
+    n_nodes = len(geo.node_keys)
+    out_nodes = [geo.node_index[k] for k in geo.node_keys if k.split("@")[0] == "Out"]
+    embed_nodes = [geo.node_index[k] for k in geo.node_keys if k.split("@")[0] == "Embed"]
+
+    def reach(starts: list[int], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        adj: list[list[int]] = [[] for _ in range(n_nodes)]
+        for u, v in zip(a.tolist(), b.tolist(), strict=True):
+            adj[u].append(v)
+        seen = np.zeros(n_nodes, dtype=bool)
+        seen[starts] = True
+        queue = deque(starts)
+        while queue:
+            for v in adj[queue.popleft()]:
+                if not seen[v]:
+                    seen[v] = True
+                    queue.append(v)
+        return seen
+
+    below = reach([node], dst, src)  # the node and everything with a kept path into it
+    above = reach([node], src, dst)  # the node and everything it reaches
+    to_out = reach(out_nodes, dst, src)
+    from_embed = reach(embed_nodes, src, dst)
+    downstream = above[src] & above[dst] & to_out[dst]
+    upstream = below[src] & below[dst] & from_embed[src]
+    chosen = kept[downstream | upstream]
+    names = geo.edge_names
+    return {names[i] for i in chosen.tolist()}
+
+
+# -- geometry, cached per graph shape and layout -------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    layout: Layout
+    edge_names: tuple[str, ...]
+    edge_x: np.ndarray  # (E, CURVE_POINTS + 1), NaN in the last column
+    edge_y: np.ndarray
+    mid_x: np.ndarray
+    mid_y: np.ndarray
+    src: np.ndarray  # node index of each edge's source
+    dst: np.ndarray  # node index of each edge's destination node
+    node_keys: tuple[str, ...]
+    node_index: dict[str, int]
+    node_x: np.ndarray
+    node_y: np.ndarray
+    node_kind: tuple[str, ...]
+    node_static_hover: tuple[str, ...]
+    port_names: tuple[str, ...]
+    port_x: np.ndarray
+    port_y: np.ndarray
+
+
+@lru_cache(maxsize=16)
+def _geometry(key: GraphKey, layout_name: str) -> _Geometry:
+    n_layers, n_heads, attn_only, n_positions = key
+    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+    lay = layout_of(graph, layout_name)
+    node_keys = tuple(n.key for n in graph.nodes)
+    node_index = {k: i for i, k in enumerate(node_keys)}
+    edges = graph.edges
+    src = np.fromiter((node_index[graph.node_key(e.src.name, e.position)] for e in edges),
+                      dtype=np.int64, count=len(edges))
+    dst = np.fromiter((node_index[graph.node_key(e.dest.node, e.position)] for e in edges),
+                      dtype=np.int64, count=len(edges))
+    p0 = np.array([lay.nodes[k] for k in node_keys], dtype=float).reshape(-1, 2)
+    end = np.array([lay.ports[graph.node_key(e.dest.name, e.position)] for e in edges],
+                   dtype=float).reshape(-1, 2)
+    start = p0[src] if len(edges) else np.zeros((0, 2))
+    ex, ey = _curves(start, end, lay, graph)
+    mid_x, mid_y = ex[:, CURVE_POINTS // 2], ey[:, CURVE_POINTS // 2]
+    static_hover = tuple(_node_static_hover(n) for n in graph.nodes)
+    port_names = tuple(k for k in lay.ports if k.split("@")[0].rsplit(".", 1)[-1] in _PORT_TEXT)
+    ports = np.array([lay.ports[k] for k in port_names], dtype=float).reshape(-1, 2)
+    for arr in (ex, ey, mid_x, mid_y, src, dst, p0, ports):
+        arr.setflags(write=False)
+    return _Geometry(lay, tuple(e.name for e in edges), ex, ey, mid_x, mid_y, src, dst,
+                     node_keys, node_index, p0[:, 0], p0[:, 1],
+                     tuple(n.kind for n in graph.nodes), static_hover, port_names,
+                     ports[:, 0], ports[:, 1])
+
+
+def _curves(start: np.ndarray, end: np.ndarray, lay: Layout,
+            graph: CircuitGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Quadratic curves from each source node to its destination port, NaN-terminated.
+
+    In the seq grid an edge that skips rows would cross the nodes between; it bows sideways
+    into the gutter between columns instead, further the more rows it skips, away from the
+    cell's centre line (edges between centred nodes bow right).
+    """
+    t = np.linspace(0.0, 1.0, CURVE_POINTS)[None, :]
+    ctrl = (start + end) / 2
+    if lay.name == "seq" and len(start):
+        col_x = np.array([c[0] for c in lay.columns])
+        width = col_x[1] - col_x[0] if len(col_x) > 1 else 1.0
+        mid = ctrl[:, 0]
+        centre = col_x[np.clip(np.rint((mid - col_x[0]) / width).astype(int), 0, len(col_x) - 1)]
+        side = np.sign(np.round(mid - centre, 9))
+        side[side == 0] = 1.0
+        span = np.abs(end[:, 1] - start[:, 1])
+        reach_out = 0.5 * width * (1 - 0.25 * (1 - 0.8))  # just inside the gutter
+        peak = np.minimum(0.09 * np.maximum(span - 1.2, 0.0) * width, reach_out - np.abs(mid - centre))
+        peak = np.maximum(peak, 0.0)
+        ctrl = ctrl.copy()
+        ctrl[:, 0] += 2 * side * peak  # a quadratic curve reaches half its control offset
+    a, b, c = (1 - t) ** 2, 2 * t * (1 - t), t**2
+    x = a * start[:, :1] + b * ctrl[:, :1] + c * end[:, :1]
+    y = a * start[:, 1:] + b * ctrl[:, 1:] + c * end[:, 1:]
+    nan = np.full((len(start), 1), np.nan)
+    return np.hstack([x, nan]), np.hstack([y, nan])
+
+
+def _node_static_hover(node: Any) -> str:
+    parts = [f"<b>{node.key}</b>", _KIND_TEXT[node.kind]]
+    if node.kind in ("head", "mlp"):
+        parts.append(f"layer {node.layer}" + ("" if node.head is None else f", head {node.head}"))
+    return "<br>".join(parts)
+
+
+# -- building and updating -----------------------------------------------------------------
+
+
+def build_figure(
+    trace: Trace,
+    step: int | None = None,
+    *,
+    layout: str = "seq",
+    show_removed: bool = True,
+    highlight: str | None = None,
+    widget: bool = False,
+) -> go.Figure | go.FigureWidget:
+    """The seq-graph of ``trace`` after ``step`` (None: the last recorded step; -1: before any).
+
+    Args:
+        layout: one of ``layout.LAYOUTS``.
+        show_removed: draw removed edges (faded); False hides them.
+        highlight: a node key (``A1.2@5``) whose paths to ``Out`` and from ``Embed`` are
+            emphasised (``paths_through``); None for none.
+        widget: return a ``go.FigureWidget`` (for notebooks) instead of a ``go.Figure``.
+    """
+    check_layout(layout)
+    geo = _geometry(graph_key(trace.graph), layout)
+    fig = go.Figure()
+    for name in TRACE_NAMES:
+        fig.add_trace(_empty_trace(name))
+    _apply_axes(fig, trace, geo)
+    fig.update_layout(
+        template="simple_white",
+        plot_bgcolor="white",
+        hovermode="closest",
+        hoverlabel={"bgcolor": "white", "font_size": 12},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "left", "x": 0.0,
+                "font_size": 11, "itemsizing": "constant", "groupclick": "togglegroup"},
+        margin={"l": 70, "r": 20, "t": 90, "b": 60},
+        font={"family": "Arial, Helvetica, sans-serif", "size": 12},
+        dragmode="pan",
+    )
+    fig = go.FigureWidget(fig) if widget else fig
+    update_figure(fig, trace, step, show_removed=show_removed, highlight=highlight, layout=layout)
+    return fig
+
+
+def _empty_trace(name: str) -> go.Scatter:
+    i = TRACE_NAMES.index(name)
+    if i == _NODES:
+        return go.Scatter(name=name, mode="markers+text", hoverinfo="text", showlegend=False,
+                          textfont={"size": 9, "color": "white"}, textposition="middle center",
+                          marker={"line": {"width": 1, "color": "#333333"}})
+    if i == _HOVER:
+        return go.Scatter(name=name, mode="markers", hoverinfo="text", showlegend=False,
+                          marker={"color": "#555555", "symbol": "triangle-up"})
+    group = name
+    if i == _REMOVED:
+        line = {"color": LIGHT_GREY, "width": 0.8}
+    elif i == _UNTESTED:
+        line = {"color": GREY, "width": 1.0}
+    elif i == _UNDER_TEST:
+        line = {"color": BLUISH_GREEN, "width": 4.5}
+    elif i == _PATHS:
+        line = {"color": BLACK, "width": 3.0}
+    else:
+        (sign, cls), = [k for k, v in _KEPT.items() if v == i]
+        line = {"color": VERMILLION if sign == "+" else BLUE, "width": WIDTHS[cls]}
+        group = f"kept{sign}"
+    # one legend entry per group: the three width classes of a sign toggle together
+    shown = i not in _KEPT.values() or i in (_KEPT[("+", 1)], _KEPT[("-", 1)])
+    return go.Scatter(name=name, mode="lines", line=line, hoverinfo="skip", connectgaps=False,
+                      showlegend=shown, legendgroup=group, legendrank=i)
+
+
+def update_figure(
+    fig: go.Figure | go.FigureWidget,
+    trace: Trace,
+    step: int | None = None,
+    *,
+    show_removed: bool = True,
+    highlight: str | None = None,
+    layout: str | None = None,
+) -> None:
+    """Show ``trace`` after ``step`` in a figure made by ``build_figure``, in place.
+
+    Only the traces' data, their opacity and the title change, in one ``batch_update`` (one
+    message to the browser for a ``FigureWidget``). ``layout`` None keeps the figure's layout;
+    another name re-places the nodes without rebuilding.
+    """
+    meta = _meta(fig)
+    key = graph_key(trace.graph)
+    if meta is not None and tuple(meta["graph"]) != key:
+        raise ValueError(f"this figure shows a graph of shape {tuple(meta['graph'])} (n_layers, "
+                         f"n_heads, attn_only, n_positions); the trace's is {key}: build a new "
+                         "figure with build_figure")
+    layout = layout or (meta["layout"] if meta else "seq")
+    check_layout(layout)
+    geo = _geometry(key, layout)
+    state = step_state(trace, step)
+    paths = None if highlight is None else paths_through(trace, state.step, highlight)
+    data = _trace_data(trace, geo, state, show_removed, paths)
+    with fig.batch_update():
+        if meta is None or meta["layout"] != layout:
+            _apply_axes(fig, trace, geo)
+        for i, props in data.items():
+            fig.data[i].update(props)
+        fig.layout.title.text = _title(trace, state)
+
+
+def _meta(fig: go.Figure) -> dict[str, Any] | None:
+    meta = fig.layout.meta
+    if isinstance(meta, dict) and _META_KEY in meta:
+        return meta[_META_KEY]
+    return None
+
+
+def _trace_data(trace: Trace, geo: _Geometry, state: StepState, show_removed: bool,
+                paths: set[str] | None) -> dict[int, dict[str, Any]]:
+    n = len(geo.edge_names)
+    group = np.full(n, _UNTESTED, dtype=np.int64)
+    tau = float(trace.settings.get("tau") or 0.0)
+    kept_tested = state.tested & ~state.removed
+    if kept_tested.any():
+        mag = np.abs(state.delta[kept_tested])
+        if tau > 0:
+            cls = np.searchsorted(np.array(WIDTH_STEPS) * tau, mag, side="right")
+        else:  # no scale to measure against: thirds of what was measured so far
+            cuts = np.quantile(mag, [1 / 3, 2 / 3]) if mag.size > 2 else np.array([np.inf] * 2)
+            cls = np.searchsorted(cuts, mag, side="right")
+        neg = state.delta[kept_tested] < 0
+        group[kept_tested] = np.where(neg, _KEPT[("-", 0)], _KEPT[("+", 0)]) + cls
+    group[state.removed] = _REMOVED
+    if state.under_test is not None:
+        group[state.under_test] = _UNDER_TEST
+    drawn = group != _REMOVED if not show_removed else np.ones(n, dtype=bool)
+
+    out: dict[int, dict[str, Any]] = {}
+    dim = paths is not None
+    for g in _EDGE_TRACES:
+        idx = np.flatnonzero(group == g) if (g != _REMOVED or show_removed) else np.empty(0, int)
+        base = 0.35 if g == _REMOVED else (0.85 if g in (_UNTESTED,) else 1.0)
+        out[g] = {"x": geo.edge_x[idx].ravel(), "y": geo.edge_y[idx].ravel(),
+                  "opacity": base * (0.3 if dim else 1.0)}
+    path_idx = (np.array(sorted(trace.graph.edge_index[e] for e in paths), dtype=np.int64)
+                if paths else np.empty(0, np.int64))
+    out[_PATHS] = {"x": geo.edge_x[path_idx].ravel(), "y": geo.edge_y[path_idx].ravel()}
+    out[_HOVER] = _hover_data(trace, geo, state, np.flatnonzero(drawn))
+    out[_NODES] = _node_data(trace, geo, state, paths, path_idx)
+    return out
+
+
+def _decision(state: StepState, i: int, n_edges: int) -> str:
+    if not state.tested[i]:
+        return f"not yet tested (step {i} of {n_edges})"
+    verdict = "removed" if state.removed[i] else "kept"
+    now = " (under test)" if i == state.under_test else ""
+    return f"Δmetric {state.delta[i]:.4g} at step {i}: {verdict}{now}"
+
+
+def _hover_data(trace: Trace, geo: _Geometry, state: StepState, idx: np.ndarray) -> dict[str, Any]:
+    n = len(geo.edge_names)
+    names = geo.edge_names
+    edge_text = [f"<b>{names[i]}</b><br>{_decision(state, i, n)}" for i in idx.tolist()]
+    port_text = [f"<b>{p}</b><br>{_PORT_TEXT[p.split('@')[0].rsplit('.', 1)[1]]} input of "
+                 f"{p.split('@')[0].rsplit('.', 1)[0]}" for p in geo.port_names]
+    size = _port_size(geo)
+    n_ports = len(geo.port_names)
+    return {
+        "x": np.concatenate([geo.port_x, geo.mid_x[idx]]),
+        "y": np.concatenate([geo.port_y, geo.mid_y[idx]]),
+        "hovertext": port_text + edge_text,
+        "customdata": list(geo.port_names) + [names[i] for i in idx.tolist()],
+        "marker": {"size": np.concatenate([np.full(n_ports, size), np.full(len(idx), 9.0)]),
+                   "opacity": np.concatenate([np.ones(n_ports), np.zeros(len(idx))])},
+    }
+
+
+def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] | None,
+               path_idx: np.ndarray) -> dict[str, Any]:
+    kept = state.kept
+    n_nodes = len(geo.node_keys)
+    deg_in = np.bincount(geo.dst[kept], minlength=n_nodes)
+    deg_out = np.bincount(geo.src[kept], minlength=n_nodes)
+    kinds = geo.node_kind
+    alive = np.where(np.array([k == "embed" for k in kinds]), deg_out > 0,
+                     np.where(np.array([k == "out" for k in kinds]), deg_in > 0,
+                              (deg_in > 0) | (deg_out > 0)))
+    fill = [(_NODE_FILL[k] if a else "#EDEDED") for k, a in zip(kinds, alive.tolist(), strict=True)]
+    line_color = ["#333333" if a else "#B0B0B0" for a in alive.tolist()]
+    line_width = np.ones(n_nodes)
+    opacity = np.ones(n_nodes)
+    if paths is not None:
+        on = np.zeros(n_nodes, dtype=bool)
+        on[geo.src[path_idx]] = True
+        on[geo.dst[path_idx]] = True
+        opacity = np.where(on, 1.0, 0.35)
+        line_width = np.where(on, 2.0, 1.0)
+    tokens = trace.tokens
+    text = []
+    for i, key in enumerate(geo.node_keys):
+        pos = ""
+        if "@" in key:
+            p = int(key.rsplit("@", 1)[1])
+            tok = f" {_token_label(tokens[p])}" if tokens and p < len(tokens) else ""
+            pos = f"<br>position {p}{tok}"
+        text.append(f"{geo.node_static_hover[i]}{pos}<br>kept edges: {int(deg_in[i])} in, "
+                    f"{int(deg_out[i])} out")
+    size, labels = _node_size(geo), _node_labels(geo)
+    return {
+        "x": geo.node_x, "y": geo.node_y,
+        "hovertext": text,
+        "customdata": list(geo.node_keys),
+        "text": labels,
+        "marker": {"color": fill, "size": size, "opacity": opacity,
+                   "symbol": [_NODE_SYMBOL[k] for k in kinds],
+                   "line": {"color": line_color, "width": line_width}},
+    }
+
+
+def _title(trace: Trace, state: StepState) -> str:
+    s = trace.settings
+    model = s.get("task") or (s.get("model") or {}).get("name") or "model"
+    tau = s.get("tau")
+    tau_text = f" · tau {tau:.3g}" if isinstance(tau, (int, float)) else ""
+    kept = int(state.kept.sum())
+    metric = f"{s.get('metric', 'metric')} {trace.metric_after(state.step):.4g}"
+    head = (f"<b>{html.escape(str(model))}</b>{tau_text} · step {state.step + 1} / "
+            f"{trace.n_edges} · edges kept {kept} · {html.escape(metric)}")
+    if state.under_test is None:
+        sub = "the full graph, before any test"
+    else:
+        i = state.under_test
+        verdict = "removed" if state.removed[i] else "kept"
+        sub = (f"step {i} tested {trace.graph.edges[i].name}: Δmetric {state.delta[i]:.3g}, "
+               f"{verdict}")
+    return f"{head}<br><span style='font-size:12px;color:#555'>{html.escape(sub)}</span>"
+
+
+# -- axes, sizes, labels -------------------------------------------------------------------
+
+
+def _token_label(token: str) -> str:
+    shown = token.replace("\n", "\\n").replace("\t", "\\t")
+    return html.escape(f"“{shown}”" if shown.strip() == shown else repr(shown))
+
+
+def _pixels(geo: _Geometry) -> tuple[float, float, float, float]:
+    """(width, height, px per x unit, px per y unit) of the plotting area."""
+    lay = geo.layout
+    x0, x1, y0, y1 = lay.bounds
+    n_cols = len(lay.columns)
+    if lay.name in ("seq", "multipartite"):
+        heads = max(1.0, CELL_FILL / max(lay.spacing, 1e-9))  # nodes side by side in a cell
+        col_px = min(max(heads * 34.0, 420.0 if n_cols == 1 else 150.0), 560.0)
+        if n_cols * col_px > 1500:
+            col_px = max(1500 / n_cols, 36.0)
+        row_px = min(max(640 / len(lay.rows), 30.0), 90.0)
+        width, height = n_cols * col_px, len(lay.rows) * row_px
+    else:
+        tile = max(x1 - x0, 1e-9) / n_cols
+        col_px = min(600.0, max(1500 / n_cols, 200.0))
+        width = n_cols * col_px
+        height = max(min(col_px * (y1 - y0 + 1) / tile, 900.0), 300.0)
+    px_x = width / max(x1 - x0 + _pad_x(geo) * 2, 1e-9)
+    px_y = height / max(y1 - y0 + _pad_y(geo) * 2, 1e-9)
+    return width, height, px_x, px_y
+
+
+def _pad_x(geo: _Geometry) -> float:
+    return geo.layout.spacing * 0.8 if geo.layout.name not in ("seq", "multipartite") else 0.12
+
+
+def _pad_y(geo: _Geometry) -> float:
+    return 0.45 if geo.layout.name in ("seq", "multipartite") else geo.layout.spacing * 0.8
+
+
+def _node_size(geo: _Geometry) -> float:
+    _, _, px_x, px_y = _pixels(geo)
+    sp = geo.layout.spacing
+    return float(np.clip(min(sp * px_x, sp * px_y if geo.layout.name not in ("seq", "multipartite")
+                             else 1e9, 0.4 * px_y) * 0.62, 5.0, 18.0))
+
+
+def _port_size(geo: _Geometry) -> float:
+    return float(np.clip(_node_size(geo) * 0.4, 3.0, 7.0))
+
+
+def _node_labels(geo: _Geometry) -> list[str]:
+    """Head numbers inside the head markers, when the markers are big enough to hold them."""
+    if _node_size(geo) < 13:
+        return [""] * len(geo.node_keys)
+    return [k.split("@")[0].split(".")[1] if kind == "head" else ""
+            for k, kind in zip(geo.node_keys, geo.node_kind, strict=True)]
+
+
+def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
+    lay = geo.layout
+    x0, x1, y0, y1 = lay.bounds
+    width, height, _, _ = _pixels(geo)
+    tokens = trace.tokens
+    if lay.columns and lay.columns[0][1] is None:
+        col_text = ["all positions"]
+    else:
+        col_text = []
+        for _, p in lay.columns:
+            tok = tokens[p] if tokens and p is not None and p < len(tokens) else None
+            col_text.append(f"{p}" if tok is None else f"{p}<br>{_token_label(tok)}")
+    structured = lay.name in ("seq", "multipartite")
+    fig.update_layout(
+        width=int(width + 90), height=int(height + 150),
+        xaxis={"range": [x0 - _pad_x(geo), x1 + _pad_x(geo)], "showgrid": False,
+               "zeroline": False, "tickmode": "array", "ticks": "",
+               "tickvals": [c[0] for c in lay.columns] if structured or len(lay.columns) > 1 else [],
+               "ticktext": col_text if structured or len(lay.columns) > 1 else [],
+               "showline": False, "title": {"text": "token position" if lay.columns[0][1] is not None
+                                            else None}},
+        yaxis={"range": [y0 - _pad_y(geo), y1 + _pad_y(geo)], "showgrid": structured,
+               "gridcolor": "#F0F0F0", "zeroline": False, "tickmode": "array", "ticks": "",
+               "tickvals": [r[0] for r in lay.rows], "ticktext": [r[1] for r in lay.rows],
+               "showline": False},
+        meta={_META_KEY: {"layout": lay.name, "graph": list(graph_key(trace.graph))}},
+    )
+    if not math.isfinite(x0):  # pragma: no cover - layouts always have nodes
+        raise ValueError("the layout has no nodes")

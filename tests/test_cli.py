@@ -1,0 +1,70 @@
+"""`acdc-viz run`: the main job, its summary line, its files, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acdc_viz.cli import main
+from acdc_viz.data import TokenPairs, save_token_pairs
+from acdc_viz.models.loading import build_tiny_gpt2
+from acdc_viz.trace import load_trace
+from conftest import token_pairs
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))      # the default model is built under ~/.cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_default_run_writes_a_complete_trace(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["run", "--tau", "1e-5", "--out", str(out), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "edges tested 110" in line and "edges kept" in line and "final metric" in line and " s;" in line
+    trace = load_trace(out)
+    assert trace.is_complete and trace.settings["model"]["name"] == "tiny-gpt2"
+
+
+def test_stop_and_resume_from_the_cli(tmp_path):
+    out = tmp_path / "t.json"
+    main(["run", "--tau", "1e-5", "--out", str(out), "--quiet", "--max-steps", "7"])
+    assert load_trace(out).resume_from == 7
+    main(["run", "--tau", "1e-5", "--out", str(out), "--quiet", "--resume", str(out)])
+    full = tmp_path / "full.json"
+    main(["run", "--tau", "1e-5", "--out", str(full), "--quiet"])
+    assert load_trace(out).canonical_json() == load_trace(full).canonical_json()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_model_directory_and_data_file(tmp_path, suffix, capsys):
+    model_dir = build_tiny_gpt2(tmp_path / "m", n_layer=1, n_head=2, n_embd=16, vocab_size=50)
+    data = save_token_pairs(TokenPairs(*token_pairs(batch=2, pos=3)), tmp_path / f"d{suffix}")
+    out = tmp_path / "t.json"
+    assert main(["run", "--model", str(model_dir), "--data", str(data), "--positions", "--ablation",
+                 "zero", "--metric", "mse", "--tau", "1e-3", "--out", str(out), "--quiet"]) == 0
+    trace = load_trace(out)
+    assert trace.graph.n_positions == 3 and trace.settings["ablation"] == "zero"
+
+
+def error_of(capsys, argv):
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_errors_are_clear_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert "tau must be" in error_of(capsys, ["run", "--tau", "nan", "--out", str(out)])
+    ragged = tmp_path / "ragged.json"
+    ragged.write_text(json.dumps({"clean": [[1, 2, 3], [1, 2]], "corrupt": [[1, 2, 3], [1, 2]]}))
+    assert "length" in error_of(capsys, ["run", "--data", str(ragged), "--positions", "--out", str(out)])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not safetensors")
+    assert "garbage.safetensors" in error_of(capsys, ["run", "--data", str(garbage), "--out", str(out)])
+    truncated = tmp_path / "stopped.json"
+    truncated.write_text('{"format_version": 1, "settings": {')
+    assert "truncated" in error_of(capsys, ["run", "--resume", str(truncated), "--out", str(out)])
+    assert "hub" in error_of(capsys, ["run", "--model", "gpt2", "--data", str(ragged), "--out", str(out)])
+    assert not out.exists()
