@@ -34,7 +34,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from acdc_viz.graph import CircuitGraph
-from acdc_viz.layout import CELL_FILL, GraphKey, Layout, check_layout, graph_key, layout_of
+from acdc_viz.layout import CELL_FILL, PORT_DX, PORT_DY, GraphKey, Layout, check_layout, graph_key, layout_of
 from acdc_viz.trace import Trace
 
 # Okabe & Ito (2008), "Color Universal Design".
@@ -317,9 +317,12 @@ def build_figure(
         plot_bgcolor="white",
         hovermode="closest",
         hoverlabel={"bgcolor": "white", "font_size": 12},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "left", "x": 0.0,
-                "font_size": 11, "itemsizing": "constant", "groupclick": "togglegroup"},
-        margin={"l": 70, "r": 20, "t": 90, "b": 60},
+        legend={"orientation": "h", "yref": "container", "yanchor": "bottom", "y": 0.0,
+                "xanchor": "left", "x": 0.0, "font_size": 11, "itemsizing": "constant",
+                "groupclick": "togglegroup", "itemwidth": 40},
+        title={"font_size": 15, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top",
+               "yref": "container"},
+        margin={"l": 70, "r": 20, "t": 70, "b": 100},
         font={"family": "Arial, Helvetica, sans-serif", "size": 12},
         dragmode="pan",
     )
@@ -425,6 +428,10 @@ def _trace_data(trace: Trace, geo: _Geometry, state: StepState, show_removed: bo
         base = 0.35 if g == _REMOVED else (0.85 if g in (_UNTESTED,) else 1.0)
         out[g] = {"x": geo.edge_x[idx].ravel(), "y": geo.edge_y[idx].ravel(),
                   "opacity": base * (0.3 if dim else 1.0)}
+    for sign in "+-":  # one legend entry per sign: the first width class that has edges
+        first = next((c for c in range(3) if len(out[_KEPT[(sign, c)]]["x"])), 1)
+        for c in range(3):
+            out[_KEPT[(sign, c)]]["showlegend"] = c == first
     path_idx = (np.array(sorted(trace.graph.edge_index[e] for e in paths), dtype=np.int64)
                 if paths else np.empty(0, np.int64))
     out[_PATHS] = {"x": geo.edge_x[path_idx].ravel(), "y": geo.edge_y[path_idx].ravel()}
@@ -535,10 +542,10 @@ def _pixels(geo: _Geometry) -> tuple[float, float, float, float]:
     n_cols = len(lay.columns)
     if lay.name in ("seq", "multipartite"):
         heads = max(1.0, CELL_FILL / max(lay.spacing, 1e-9))  # nodes side by side in a cell
-        col_px = min(max(heads * 34.0, 420.0 if n_cols == 1 else 150.0), 560.0)
+        col_px = min(max(heads * 36.0, 560.0 if n_cols == 1 else 150.0), 600.0)
         if n_cols * col_px > 1500:
             col_px = max(1500 / n_cols, 36.0)
-        row_px = min(max(640 / len(lay.rows), 30.0), 90.0)
+        row_px = min(max(640 / len(lay.rows), 34.0), 90.0)
         width, height = n_cols * col_px, len(lay.rows) * row_px
     else:
         tile = max(x1 - x0, 1e-9) / n_cols
@@ -559,10 +566,11 @@ def _pad_y(geo: _Geometry) -> float:
 
 
 def _node_size(geo: _Geometry) -> float:
+    """Marker diameter (px): as large as the ports below the node allow, so they sit on its rim."""
     _, _, px_x, px_y = _pixels(geo)
-    sp = geo.layout.spacing
-    return float(np.clip(min(sp * px_x, sp * px_y if geo.layout.name not in ("seq", "multipartite")
-                             else 1e9, 0.4 * px_y) * 0.62, 5.0, 18.0))
+    dx = geo.layout.spacing * PORT_DX * px_x / 0.75
+    dy = (PORT_DY if geo.layout.name == "seq" else geo.layout.spacing * PORT_DX) * px_y
+    return float(np.clip(2 * min(dx, dy), 6.0, 22.0))
 
 
 def _port_size(geo: _Geometry) -> float:
@@ -591,7 +599,7 @@ def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
             col_text.append(f"{p}" if tok is None else f"{p}<br>{_token_label(tok)}")
     structured = lay.name in ("seq", "multipartite")
     fig.update_layout(
-        width=int(width + 90), height=int(height + 150),
+        width=int(width + 90), height=int(height + 170),
         xaxis={"range": [x0 - _pad_x(geo), x1 + _pad_x(geo)], "showgrid": False,
                "zeroline": False, "tickmode": "array", "ticks": "",
                "tickvals": [c[0] for c in lay.columns] if structured or len(lay.columns) > 1 else [],

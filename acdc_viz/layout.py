@@ -36,6 +36,12 @@ SEED = 0
 CELL_FILL = 0.8
 """The part of a column's width the heads of one cell spread over (the rest is the gutter)."""
 
+PORT_DX = 0.2
+"""Horizontal offset of the q and v ports from the head's centre, as a part of ``spacing``."""
+
+PORT_DY = 0.16
+"""How far below a head's centre its ports sit in the seq grid, as a part of a row."""
+
 Point = tuple[float, float]
 GraphKey = tuple[int, int, bool, "int | None"]
 
@@ -138,9 +144,8 @@ def _cached_layout(key: GraphKey, name: str) -> Layout:
     )
     nodes: dict[str, Point] = {}
     ports: dict[str, Point] = {}
-    port_dx, port_dy = spacing * 0.22, spacing * 0.3
-    if name == "seq":
-        port_dy = min(port_dy, 0.14)
+    # q/k/v ports sit on the lower rim of the head's marker (the figure sizes markers to fit)
+    port_dx, port_dy = spacing * PORT_DX, (PORT_DY if name == "seq" else spacing * PORT_DX)
     for col, pos in enumerate(positions):
         x0 = col * width
         for node in graph.nodes:
