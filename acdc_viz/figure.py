@@ -34,7 +34,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from acdc_viz.graph import CircuitGraph
-from acdc_viz.layout import CELL_FILL, PORT_DX, PORT_DY, GraphKey, Layout, check_layout, graph_key, layout_of
+from acdc_viz.layout import GraphKey, Layout, check_layout, graph_key, layout_of
 from acdc_viz.trace import Trace
 
 # Okabe & Ito (2008), "Color Universal Design".
@@ -58,23 +58,29 @@ WIDTH_STEPS = (10.0, 100.0)
 CURVE_POINTS = 9
 """Points per drawn edge (a quadratic curve), plus one NaN that separates it from the next."""
 
-TRACE_NAMES = (
+TRACE_IDS = (
     "removed",
-    "not yet tested",
-    "kept, Δ > 0 (small)", "kept, Δ > 0", "kept, Δ > 0 (large)",
-    "kept, Δ < 0 (small)", "kept, Δ < 0", "kept, Δ < 0 (large)",
-    "under test",
-    "selected paths",
+    "untested",
+    "kept+small", "kept+medium", "kept+large",
+    "kept-small", "kept-medium", "kept-large",
+    "under-test",
+    "paths",
     "hover",
     "nodes",
 )
-"""The figure's traces, bottom to top; ``fig.data[i].name`` is ``TRACE_NAMES[i]``.
+"""The figure's traces, bottom to top: ``fig.data[i].uid`` is ``TRACE_IDS[i]``.
 
 ``hover`` holds the q/k/v port markers and one invisible marker at the middle of each drawn
 edge (its ``customdata`` is the edge or port name); ``nodes`` holds one marker per node, with
-the node key (``A1.2@5``) in ``customdata``, which is what a click handler passes to
-``paths_through``.
+the node key (``A1.2@5``) in ``customdata``: what a click handler passes to ``paths_through``.
 """
+
+_LABELS = {
+    "removed": "removed", "untested": "not yet tested", "under-test": "under test",
+    "paths": "selected paths", "hover": "edges and ports", "nodes": "nodes",
+    **{f"kept{s}{c}": f"kept, Δ {'>' if s == '+' else '<'} 0"
+       for s in "+-" for c in ("small", "medium", "large")},
+}
 
 _KEPT = {("+", 0): 2, ("+", 1): 3, ("+", 2): 4, ("-", 0): 5, ("-", 1): 6, ("-", 2): 7}
 _REMOVED, _UNTESTED, _UNDER_TEST, _PATHS, _HOVER, _NODES = 0, 1, 8, 9, 10, 11
@@ -252,30 +258,69 @@ def _curves(start: np.ndarray, end: np.ndarray, lay: Layout,
             graph: CircuitGraph) -> tuple[np.ndarray, np.ndarray]:
     """Quadratic curves from each source node to its destination port, NaN-terminated.
 
-    In the seq grid an edge that skips rows would cross the nodes between; it bows sideways
-    into the gutter between columns instead, further the more rows it skips, away from the
-    cell's centre line (edges between centred nodes bow right).
+    In the seq grid a straight edge that skips rows can run through a node in between, and
+    then it looks connected to it. Such an edge bows sideways just enough to pass the nodes
+    it would touch (``_detour``); the rest stay straight, which keeps the picture calm.
     """
     t = np.linspace(0.0, 1.0, CURVE_POINTS)[None, :]
     ctrl = (start + end) / 2
     if lay.name == "seq" and len(start):
-        col_x = np.array([c[0] for c in lay.columns])
-        width = col_x[1] - col_x[0] if len(col_x) > 1 else 1.0
-        mid = ctrl[:, 0]
-        centre = col_x[np.clip(np.rint((mid - col_x[0]) / width).astype(int), 0, len(col_x) - 1)]
-        side = np.sign(np.round(mid - centre, 9))
-        side[side == 0] = 1.0
-        span = np.abs(end[:, 1] - start[:, 1])
-        reach_out = 0.5 * width * (1 - 0.25 * (1 - 0.8))  # just inside the gutter
-        peak = np.minimum(0.09 * np.maximum(span - 1.2, 0.0) * width, reach_out - np.abs(mid - centre))
-        peak = np.maximum(peak, 0.0)
         ctrl = ctrl.copy()
-        ctrl[:, 0] += 2 * side * peak  # a quadratic curve reaches half its control offset
+        ctrl[:, 0] += _detour(start, end, lay, graph)
     a, b, c = (1 - t) ** 2, 2 * t * (1 - t), t**2
     x = a * start[:, :1] + b * ctrl[:, :1] + c * end[:, :1]
     y = a * start[:, 1:] + b * ctrl[:, 1:] + c * end[:, 1:]
     nan = np.full((len(start), 1), np.nan)
     return np.hstack([x, nan]), np.hstack([y, nan])
+
+
+def _detour(start: np.ndarray, end: np.ndarray, lay: Layout, graph: CircuitGraph) -> np.ndarray:
+    """The horizontal control-point offset (data units) that takes each edge around the nodes.
+
+    A quadratic curve with its control point moved by ``k`` sideways is the straight line
+    moved by ``2 t (1 - t) k`` at parameter ``t``; since the move is horizontal, ``t`` at a
+    node's height is the straight line's. For each side, ``k`` grows until no node between
+    the ends is closer than its radius plus a margin; the smaller detour wins, and outwards
+    (away from the cell's centre line) on a near tie.
+    """
+    px_x = lay.width_px / (lay.x_range[1] - lay.x_range[0])
+    px_y = lay.height_px / (lay.y_range[1] - lay.y_range[0])
+    clearance = lay.node_px / 2 + 7.0
+    cols = np.array([c[0] for c in lay.columns])
+    col_w = cols[1] - cols[0] if len(cols) > 1 else 1.0
+    col = np.clip(np.rint((start[:, 0] - cols[0]) / col_w).astype(int), 0, len(cols) - 1)
+    centre = cols[col]
+    # one column's nodes, relative to its centre (all columns are the same)
+    pos0 = None if graph.n_positions is None else 0
+    cell = np.array([lay.nodes[n.key] for n in graph.nodes if n.position == pos0]) - [cols[0], 0]
+    ox, oy = cell[:, 0][None, :] * px_x, cell[:, 1][None, :] * px_y  # (1, O)
+    sx, sy = ((start[:, 0] - centre) * px_x)[:, None], (start[:, 1] * px_y)[:, None]
+    ex, ey = ((end[:, 0] - centre) * px_x)[:, None], (end[:, 1] * px_y)[:, None]
+    dy = np.where(np.abs(ey - sy) < 1e-9, 1e-9, ey - sy)
+    t = (oy - sy) / dy
+    between = (t > 0.02) & (t < 0.98)
+    w = np.where(between, 2 * t * (1 - t), 0.0)
+    d = sx + t * (ex - sx) - ox  # the straight line's horizontal distance from each node
+    best_k = np.full(len(start), np.inf)
+    best_side = np.zeros(len(start))
+    outward = np.sign(np.round((sx + ex)[:, 0] / 2, 6))
+    outward[outward == 0] = 1.0
+    for side in (outward, -outward):
+        k = np.zeros(len(start))
+        for _ in range(6):
+            shifted = d + side[:, None] * w * k[:, None]
+            hit = between & (np.abs(shifted) < clearance)
+            need = np.where(hit, (clearance - side[:, None] * d) / np.maximum(w, 1e-9), 0.0)
+            k_new = np.maximum(k, need.max(axis=1, initial=0.0))
+            if np.array_equal(k_new, k):
+                break
+            k = k_new
+        better = k + 2.0 < best_k  # the outward side was tried first and wins near ties
+        best_k = np.where(better, k, best_k)
+        best_side = np.where(better, side, best_side)
+    # stay inside the column: a curve's peak is half its control offset
+    room = np.maximum(col_w * px_x / 2 - 6.0 - np.abs((sx + ex)[:, 0] / 2), 0.0)
+    return best_side * np.minimum(best_k, 2 * room) / px_x
 
 
 def _node_static_hover(node: Any) -> str:
@@ -309,9 +354,8 @@ def build_figure(
     check_layout(layout)
     geo = _geometry(graph_key(trace.graph), layout)
     fig = go.Figure()
-    for name in TRACE_NAMES:
-        fig.add_trace(_empty_trace(name))
-    _apply_axes(fig, trace, geo)
+    for uid in TRACE_IDS:
+        fig.add_trace(_empty_trace(uid))
     fig.update_layout(
         template="simple_white",
         plot_bgcolor="white",
@@ -322,25 +366,27 @@ def build_figure(
                 "groupclick": "togglegroup", "itemwidth": 40},
         title={"font_size": 15, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top",
                "yref": "container"},
-        margin={"l": 70, "r": 20, "t": 70, "b": 100},
+        margin={"l": 70, "r": 20, "t": 70, "b": 80},
         font={"family": "Arial, Helvetica, sans-serif", "size": 12},
         dragmode="pan",
     )
+    _apply_axes(fig, trace, geo)
     fig = go.FigureWidget(fig) if widget else fig
     update_figure(fig, trace, step, show_removed=show_removed, highlight=highlight, layout=layout)
     return fig
 
 
-def _empty_trace(name: str) -> go.Scatter:
-    i = TRACE_NAMES.index(name)
+def _empty_trace(uid: str) -> go.Scatter:
+    i = TRACE_IDS.index(uid)
+    name = _LABELS[uid]
     if i == _NODES:
-        return go.Scatter(name=name, mode="markers+text", hoverinfo="text", showlegend=False,
+        return go.Scatter(uid=uid, name=name, mode="markers+text", hoverinfo="text", showlegend=False,
                           textfont={"size": 9, "color": "white"}, textposition="middle center",
                           marker={"line": {"width": 1, "color": "#333333"}})
     if i == _HOVER:
-        return go.Scatter(name=name, mode="markers", hoverinfo="text", showlegend=False,
+        return go.Scatter(uid=uid, name=name, mode="markers", hoverinfo="text", showlegend=False,
                           marker={"color": "#555555", "symbol": "triangle-up"})
-    group = name
+    group = uid
     if i == _REMOVED:
         line = {"color": LIGHT_GREY, "width": 0.8}
     elif i == _UNTESTED:
@@ -355,7 +401,7 @@ def _empty_trace(name: str) -> go.Scatter:
         group = f"kept{sign}"
     # one legend entry per group: the three width classes of a sign toggle together
     shown = i not in _KEPT.values() or i in (_KEPT[("+", 1)], _KEPT[("-", 1)])
-    return go.Scatter(name=name, mode="lines", line=line, hoverinfo="skip", connectgaps=False,
+    return go.Scatter(uid=uid, name=name, mode="lines", line=line, hoverinfo="skip", connectgaps=False,
                       showlegend=shown, legendgroup=group, legendrank=i)
 
 
@@ -496,7 +542,7 @@ def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] |
             pos = f"<br>position {p}{tok}"
         text.append(f"{geo.node_static_hover[i]}{pos}<br>kept edges: {int(deg_in[i])} in, "
                     f"{int(deg_out[i])} out")
-    size, labels = _node_size(geo), _node_labels(geo)
+    size, labels = geo.layout.node_px, _node_labels(geo)
     return {
         "x": geo.node_x, "y": geo.node_y,
         "hovertext": text,
@@ -531,55 +577,18 @@ def _title(trace: Trace, state: StepState) -> str:
 
 
 def _token_label(token: str) -> str:
-    shown = token.replace("\n", "\\n").replace("\t", "\\t")
-    return html.escape(f"“{shown}”" if shown.strip() == shown else repr(shown))
-
-
-def _pixels(geo: _Geometry) -> tuple[float, float, float, float]:
-    """(width, height, px per x unit, px per y unit) of the plotting area."""
-    lay = geo.layout
-    x0, x1, y0, y1 = lay.bounds
-    n_cols = len(lay.columns)
-    if lay.name in ("seq", "multipartite"):
-        heads = max(1.0, CELL_FILL / max(lay.spacing, 1e-9))  # nodes side by side in a cell
-        col_px = min(max(heads * 36.0, 560.0 if n_cols == 1 else 150.0), 600.0)
-        if n_cols * col_px > 1500:
-            col_px = max(1500 / n_cols, 36.0)
-        row_px = min(max(640 / len(lay.rows), 34.0), 90.0)
-        width, height = n_cols * col_px, len(lay.rows) * row_px
-    else:
-        tile = max(x1 - x0, 1e-9) / n_cols
-        col_px = min(600.0, max(1500 / n_cols, 200.0))
-        width = n_cols * col_px
-        height = max(min(col_px * (y1 - y0 + 1) / tile, 900.0), 300.0)
-    px_x = width / max(x1 - x0 + _pad_x(geo) * 2, 1e-9)
-    px_y = height / max(y1 - y0 + _pad_y(geo) * 2, 1e-9)
-    return width, height, px_x, px_y
-
-
-def _pad_x(geo: _Geometry) -> float:
-    return geo.layout.spacing * 0.8 if geo.layout.name not in ("seq", "multipartite") else 0.12
-
-
-def _pad_y(geo: _Geometry) -> float:
-    return 0.45 if geo.layout.name in ("seq", "multipartite") else geo.layout.spacing * 0.8
-
-
-def _node_size(geo: _Geometry) -> float:
-    """Marker diameter (px): as large as the ports below the node allow, so they sit on its rim."""
-    _, _, px_x, px_y = _pixels(geo)
-    dx = geo.layout.spacing * PORT_DX * px_x / 0.75
-    dy = (PORT_DY if geo.layout.name == "seq" else geo.layout.spacing * PORT_DX) * px_y
-    return float(np.clip(2 * min(dx, dy), 6.0, 22.0))
+    """The token in quotes, with its spaces kept and control characters escaped."""
+    shown = token.encode("unicode_escape").decode("ascii") if not token.isprintable() else token
+    return html.escape(f"'{shown}'")
 
 
 def _port_size(geo: _Geometry) -> float:
-    return float(np.clip(_node_size(geo) * 0.4, 3.0, 7.0))
+    return float(np.clip(geo.layout.node_px * 0.42, 3.0, 7.0))
 
 
 def _node_labels(geo: _Geometry) -> list[str]:
     """Head numbers inside the head markers, when the markers are big enough to hold them."""
-    if _node_size(geo) < 13:
+    if geo.layout.node_px < 13:
         return [""] * len(geo.node_keys)
     return [k.split("@")[0].split(".")[1] if kind == "head" else ""
             for k, kind in zip(geo.node_keys, geo.node_kind, strict=True)]
@@ -587,30 +596,25 @@ def _node_labels(geo: _Geometry) -> list[str]:
 
 def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
     lay = geo.layout
-    x0, x1, y0, y1 = lay.bounds
-    width, height, _, _ = _pixels(geo)
     tokens = trace.tokens
-    if lay.columns and lay.columns[0][1] is None:
+    split = lay.columns[0][1] is not None
+    if not split:
         col_text = ["all positions"]
     else:
         col_text = []
         for _, p in lay.columns:
             tok = tokens[p] if tokens and p is not None and p < len(tokens) else None
             col_text.append(f"{p}" if tok is None else f"{p}<br>{_token_label(tok)}")
-    structured = lay.name in ("seq", "multipartite")
+    margin = fig.layout.margin
     fig.update_layout(
-        width=int(width + 90), height=int(height + 170),
-        xaxis={"range": [x0 - _pad_x(geo), x1 + _pad_x(geo)], "showgrid": False,
-               "zeroline": False, "tickmode": "array", "ticks": "",
-               "tickvals": [c[0] for c in lay.columns] if structured or len(lay.columns) > 1 else [],
-               "ticktext": col_text if structured or len(lay.columns) > 1 else [],
-               "showline": False, "title": {"text": "token position" if lay.columns[0][1] is not None
-                                            else None}},
-        yaxis={"range": [y0 - _pad_y(geo), y1 + _pad_y(geo)], "showgrid": structured,
-               "gridcolor": "#F0F0F0", "zeroline": False, "tickmode": "array", "ticks": "",
-               "tickvals": [r[0] for r in lay.rows], "ticktext": [r[1] for r in lay.rows],
-               "showline": False},
+        width=int(lay.width_px + (margin.l or 0) + (margin.r or 0)),
+        height=int(lay.height_px + (margin.t or 0) + (margin.b or 0)),
+        xaxis={"range": list(lay.x_range), "showgrid": False, "zeroline": False,
+               "tickmode": "array", "ticks": "", "showline": False,
+               "tickvals": [c[0] for c in lay.columns], "ticktext": col_text,
+               "title": {"text": "token position" if split else None}},
+        yaxis={"range": list(lay.y_range), "showgrid": bool(lay.rows), "gridcolor": "#F2F2F2",
+               "zeroline": False, "tickmode": "array", "ticks": "", "showline": False,
+               "tickvals": [r[0] for r in lay.rows], "ticktext": [r[1] for r in lay.rows]},
         meta={_META_KEY: {"layout": lay.name, "graph": list(graph_key(trace.graph))}},
     )
-    if not math.isfinite(x0):  # pragma: no cover - layouts always have nodes
-        raise ValueError("the layout has no nodes")

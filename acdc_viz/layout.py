@@ -36,11 +36,8 @@ SEED = 0
 CELL_FILL = 0.8
 """The part of a column's width the heads of one cell spread over (the rest is the gutter)."""
 
-PORT_DX = 0.2
-"""Horizontal offset of the q and v ports from the head's centre, as a part of ``spacing``."""
-
-PORT_DY = 0.16
-"""How far below a head's centre its ports sit in the seq grid, as a part of a row."""
+MAX_WIDTH_PX = 1500.0
+"""The plotting area's width (px) the layout aims to fit in; a long prompt shrinks columns to fit."""
 
 Point = tuple[float, float]
 GraphKey = tuple[int, int, bool, "int | None"]
@@ -48,18 +45,22 @@ GraphKey = tuple[int, int, bool, "int | None"]
 
 @dataclass(frozen=True)
 class Layout:
-    """The coordinates of one graph in one layout.
+    """The coordinates of one graph in one layout, and the canvas they are meant for.
 
     Attributes:
         name: one of ``LAYOUTS``.
         nodes: ``Node.key`` (``A1.2`` or ``A1.2@5``) to its ``(x, y)``.
-        ports: destination key to the point edges into it end at: ``A1.2.q`` (``A1.2.q@5``) for
-            the q/k/v ports of each head, and the node's own point for ``MLP{l}`` and ``Out``.
+        ports: destination key to the point where edges into it end: ``A1.2.q`` (``A1.2.q@5``)
+            for a head's q/k/v ports, on the lower rim of its marker (q left, k below, v
+            right); the node's own point for ``MLP{l}`` and ``Out``.
         rows: ``(y, label)`` of each row, bottom to top (seq and multipartite; else empty).
         columns: ``(x, position)`` of each column's centre (``position`` None without the
             split); the figure labels them with the trace's tokens.
-        spacing: the smallest distance between two nodes' centres in the same row or cell.
-        bounds: ``(x_min, x_max, y_min, y_max)`` of all nodes and ports.
+        spacing: the distance between neighbouring heads (seq, multipartite), or a small
+            percentile of the distances between nodes (the others).
+        x_range, y_range: the axis ranges to show.
+        width_px, height_px: the plotting area's size those ranges are meant for.
+        node_px: the marker diameter (px) that keeps neighbours apart and the ports on the rim.
     """
 
     name: str
@@ -68,7 +69,11 @@ class Layout:
     rows: tuple[tuple[float, str], ...]
     columns: tuple[tuple[float, int | None], ...]
     spacing: float
-    bounds: tuple[float, float, float, float]
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    width_px: float
+    height_px: float
+    node_px: float
 
 
 def graph_key(graph: CircuitGraph) -> GraphKey:
@@ -123,31 +128,44 @@ def port_positions(graph: CircuitGraph, layout: str = "seq") -> dict[str, Point]
 def _cached_layout(key: GraphKey, name: str) -> Layout:
     n_layers, n_heads, attn_only, n_positions = key
     graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+    n_cols = 1 if n_positions is None else n_positions
     if name == "seq":
         base, spacing = _seq_cell(graph)
         rows = tuple((float(i), lab) for i, lab in enumerate(row_labels(n_layers, attn_only)))
-        width = 1.0
+        col_width = 1.0
     else:
-        base, spacing = _networkx_cell(graph, name)
+        base, spacing = _networkx_cell(graph.n_layers, graph.n_heads, graph.attn_only, name)
         rows = ()
         if name == "multipartite":
             rows = tuple([(0.0, "Embed")] + [(float(i + 1), f"layer {i}") for i in range(n_layers)]
                          + [(float(n_layers + 1), "Out")])
         xs = [p[0] for p in base.values()]
-        width = max((max(xs) - min(xs)) / CELL_FILL, 1.0)
-        # centre each tile on its column, with the seq grid's relative gutter between tiles
-        mid = (max(xs) + min(xs)) / 2
+        col_width = 1.0 if name == "multipartite" else max((max(xs) - min(xs)) / CELL_FILL, 1.0)
+        mid = (max(xs) + min(xs)) / 2  # centre each tile on its column
         base = {k: (x - mid, y) for k, (x, y) in base.items()}
 
-    positions: list[int | None] = (
-        [None] if n_positions is None else list(range(n_positions))
-    )
+    ys = [p[1] for p in base.values()]
+    pad_y = 0.5 if rows else max(spacing, 0.05 * (max(ys) - min(ys)))
+    x_range = (-col_width / 2, (n_cols - 0.5) * col_width)
+    y_range = (min(ys) - pad_y, max(ys) + pad_y)
+    width_px, height_px = _canvas(name, n_cols, n_heads, len(rows), spacing, col_width,
+                                  y_range[1] - y_range[0])
+    px_x = width_px / (x_range[1] - x_range[0])
+    px_y = height_px / (y_range[1] - y_range[0])
+    if rows:
+        node_px = min(spacing * px_x * 0.55, 0.36 * px_y)
+    else:
+        node_px = spacing * min(px_x, px_y) * 0.55
+    node_px = float(min(max(node_px, 6.0), 22.0))
+    # ports just outside the lower rim: q at 7:30, k at 6:00, v at 4:30 on a clock face
+    r = node_px / 2 + 1.0
+    rim = {"q": (-0.72 * r, -0.72 * r), "k": (0.0, -r), "v": (0.72 * r, -0.72 * r)}
+
+    positions: list[int | None] = [None] if n_positions is None else list(range(n_positions))
     nodes: dict[str, Point] = {}
     ports: dict[str, Point] = {}
-    # q/k/v ports sit on the lower rim of the head's marker (the figure sizes markers to fit)
-    port_dx, port_dy = spacing * PORT_DX, (PORT_DY if name == "seq" else spacing * PORT_DX)
     for col, pos in enumerate(positions):
-        x0 = col * width
+        x0 = col * col_width
         for node in graph.nodes:
             if node.position != pos:
                 continue
@@ -155,38 +173,55 @@ def _cached_layout(key: GraphKey, name: str) -> Layout:
             x, y = x0 + bx, by
             nodes[node.key] = (x, y)
             if node.kind == "head":
-                for i, letter in enumerate(QKV):
-                    ports[graph.node_key(f"{node.name}.{letter}", pos)] = (
-                        x + (i - 1) * port_dx, y - port_dy)
+                for letter in QKV:
+                    dx, dy = rim[letter]
+                    ports[graph.node_key(f"{node.name}.{letter}", pos)] = (x + dx / px_x, y + dy / px_y)
             elif node.kind in ("mlp", "out"):
                 ports[node.key] = (x, y)
-    columns = tuple((col * width, pos) for col, pos in enumerate(positions))
-    pts = list(nodes.values()) + list(ports.values())
-    bounds = (min(p[0] for p in pts), max(p[0] for p in pts),
-              min(p[1] for p in pts), max(p[1] for p in pts))
+    columns = tuple((col * col_width, pos) for col, pos in enumerate(positions))
     return Layout(name, MappingProxyType(nodes), MappingProxyType(ports), rows, columns,
-                  spacing, bounds)
+                  spacing, x_range, y_range, width_px, height_px, node_px)
+
+
+def _canvas(name: str, n_cols: int, n_heads: int, n_rows: int, spacing: float, col_width: float,
+            y_span: float) -> tuple[float, float]:
+    """The plotting area (px): about 36 px per head, rows 34-90 px, at most MAX_WIDTH_PX wide."""
+    if n_rows:  # seq, multipartite: columns of side-by-side heads, one row per layer part
+        col_px = min(max(n_heads * 40.0, 520.0 if n_cols == 1 else 150.0), 600.0)
+        if n_cols * col_px > MAX_WIDTH_PX:
+            col_px = max(MAX_WIDTH_PX / n_cols, 36.0)
+        row_px = min(max(620.0 / n_rows, 34.0), 90.0)
+        return n_cols * col_px, n_rows * row_px
+    col_px = min(600.0, max(MAX_WIDTH_PX / n_cols, 200.0))
+    return n_cols * col_px, min(max(col_px * y_span / col_width, 300.0), 900.0)
 
 
 def _seq_cell(graph: CircuitGraph) -> tuple[dict[str, Point], float]:
-    """Coordinates of one column's nodes, by node name, centred on x = 0."""
-    spacing = min(CELL_FILL / graph.n_heads, 1.0)
+    """Coordinates of one column's nodes, by node name; the heads are centred on x = 0.
+
+    ``Embed``, the MLPs and ``Out`` share one vertical line, and edges between them run
+    along it. With an odd number of heads that line would go through the middle head, so it
+    moves half a spacing right, into the gap between two heads.
+    """
+    spacing = min(CELL_FILL / graph.n_heads, 0.4)
+    spine = 0.0 if graph.n_heads % 2 == 0 else spacing / 2
     out: dict[str, Point] = {}
     for node in graph.nodes:
         if node.position not in (None, 0):
             continue
         y = float(row_of(node, graph.n_layers, graph.attn_only))
-        x = 0.0 if node.head is None else (node.head - (graph.n_heads - 1) / 2) * spacing
+        x = spine if node.head is None else (node.head - (graph.n_heads - 1) / 2) * spacing
         out[node.name] = (x, y)
     return out, spacing
 
 
-def _networkx_cell(graph: CircuitGraph, name: str) -> tuple[dict[str, Point], float]:
-    """One position's networkx layout, by node name, scaled so rows are about 1 unit apart."""
+@lru_cache(maxsize=32)
+def _networkx_cell(n_layers: int, n_heads: int, attn_only: bool,
+                   name: str) -> tuple[dict[str, Point], float]:
+    """One position's networkx layout, by node name (every position's copy is the same graph)."""
     import networkx as nx
 
-    if graph.n_positions is not None:  # every position's copy is this same graph
-        graph = CircuitGraph(graph.n_layers, graph.n_heads, attn_only=graph.attn_only)
+    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only)
     g = graph.to_networkx()
     simple = nx.Graph(g.to_undirected())  # the layouts want one undirected edge per pair
     if name == "multipartite":

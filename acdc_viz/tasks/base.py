@@ -35,6 +35,8 @@ class Task:
         default_tau, default_ablation, default_metric: the paper's settings for this task.
         token_labels: ``(pairs) -> list[str]``, the first prompt's tokens as text, for the figure.
         check_model: ``(model) -> None``; raises ``TaskError`` if a model does not fit the task.
+        graph_shape: ``(n_layers, n_heads, attn_only)`` of the task's model, known without loading
+            it (for ``acdc-viz tasks``); bundled tasks read it from their config when left None.
     """
 
     name: str
@@ -51,3 +53,4 @@ class Task:
     default_metric: str = "kl"
     token_labels: Callable[[TokenPairs], list[str]] | None = None
     check_model: Callable[[Any], None] | None = None
+    graph_shape: tuple[int, int, bool] | None = None
