@@ -364,8 +364,8 @@ def build_figure(
         legend={"orientation": "h", "yref": "container", "yanchor": "bottom", "y": 0.0,
                 "xanchor": "left", "x": 0.0, "font_size": 11, "itemsizing": "constant",
                 "groupclick": "togglegroup", "itemwidth": 40},
-        title={"font_size": 15, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top",
-               "yref": "container"},
+        title={"font_size": 15, "x": 0.01, "xanchor": "left", "y": 1.0, "yanchor": "top",
+               "yref": "container", "pad": {"t": 12}},
         margin={"l": 70, "r": 20, "t": 70, "b": 80},
         font={"family": "Arial, Helvetica, sans-serif", "size": 12},
         dragmode="pan",
@@ -561,8 +561,8 @@ def _title(trace: Trace, state: StepState) -> str:
     tau_text = f" · tau {tau:.3g}" if isinstance(tau, (int, float)) else ""
     kept = int(state.kept.sum())
     metric = f"{s.get('metric', 'metric')} {trace.metric_after(state.step):.4g}"
-    head = (f"<b>{html.escape(str(model))}</b>{tau_text} · step {state.step + 1} / "
-            f"{trace.n_edges} · edges kept {kept} · {html.escape(metric)}")
+    head = (f"<b>{html.escape(str(model), quote=False)}</b>{tau_text} · step {state.step + 1} / "
+            f"{trace.n_edges} · edges kept {kept} · {html.escape(metric, quote=False)}")
     if state.under_test is None:
         sub = "the full graph, before any test"
     else:
@@ -570,7 +570,7 @@ def _title(trace: Trace, state: StepState) -> str:
         verdict = "removed" if state.removed[i] else "kept"
         sub = (f"step {i} tested {trace.graph.edges[i].name}: Δmetric {state.delta[i]:.3g}, "
                f"{verdict}")
-    return f"{head}<br><span style='font-size:12px;color:#555'>{html.escape(sub)}</span>"
+    return f"{head}<br><span style='font-size:12px;color:#555'>{html.escape(sub, quote=False)}</span>"
 
 
 # -- axes, sizes, labels -------------------------------------------------------------------
@@ -579,7 +579,7 @@ def _title(trace: Trace, state: StepState) -> str:
 def _token_label(token: str) -> str:
     """The token in quotes, with its spaces kept and control characters escaped."""
     shown = token.encode("unicode_escape").decode("ascii") if not token.isprintable() else token
-    return html.escape(f"'{shown}'")
+    return html.escape(f"'{shown}'", quote=False)
 
 
 def _port_size(geo: _Geometry) -> float:

@@ -1,0 +1,332 @@
+"""Induction on two bundled 2-layer models: the offline task the demo, the tests and Binder use.
+
+Induction (Olsson et al. 2022) completes ``... A B ... A`` with ``B``. It takes two heads in
+two layers: a *previous-token head* in layer 0 writes, at every position ``j``, the token at
+``j - 1``; an *induction head* in layer 1 reads that through its key, so that the query token
+``A`` matches the position right after the earlier ``A``, and copies that position's token
+(``B``) through its value into the output. ACDC's paper ran this task on redwood's
+attn-only-2l; here the models are ours, trained by ``scripts/train_induction.py`` in a few
+minutes on a CPU (see ``docs/induction.md``), so everything works offline:
+
+- ``induction``: attention-only, 2 layers, 8 heads, no LayerNorm (257 edges, the size of the
+  paper's induction graph);
+- ``induction-gpt2``: GPT-2 architecture (LayerNorm and MLPs), 2 layers, 4 heads.
+
+A prompt is ``BOS, A_0 .. A_{L-1}, A_0 .. A_{L-2}``: L distinct random tokens, then the same
+segment again without its last token, so the last position must predict ``A_{L-1}`` and every
+position of the repeated half (``L+1 .. 2L-1``) is predictable only by induction. The corrupt
+prompt is ``BOS`` and ``2L - 1`` distinct random tokens with no repeat, so patching in any of
+its activations takes away what induction needs, as the paper's resampled text did.
+
+The heads are not assumed: ``head_scores`` measures them from attention patterns and the build
+script records the scores and the heads picked by threshold in each model's bundled JSON.
+``canonical_edges`` builds the circuit from those recorded heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from acdc_viz.data import TokenPairs
+from acdc_viz.metrics import Metric
+from acdc_viz.tasks.base import Task, TaskError
+from acdc_viz.tasks.bundled import bundled_meta, load_bundled
+
+BOS = 0
+D_VOCAB = 64
+N_CTX = 24
+SEGMENT_LEN = 8
+"""Length L of the random segment in the task's prompts, which are ``2 * L`` tokens long."""
+SEQ_LEN = 2 * SEGMENT_LEN
+PREV_THRESHOLD = 0.4
+"""A layer-0 head whose previous-token score exceeds this is a previous-token head."""
+INDUCTION_THRESHOLD = 0.4
+"""A layer-1 head whose induction score exceeds this is an induction head."""
+
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "induction-attn-only-2l": dict(
+        d_model=64, d_head=8, n_heads=8, n_layers=2, n_ctx=N_CTX, d_vocab=D_VOCAB,
+        attn_only=True, normalization_type=None, act_fn="gelu", seed=0,
+        model_name="induction-attn-only-2l",
+    ),
+    "induction-gpt2-2l": dict(
+        d_model=64, d_head=16, n_heads=4, n_layers=2, n_ctx=N_CTX, d_vocab=D_VOCAB, d_mlp=256,
+        attn_only=False, normalization_type="LN", act_fn="gelu", seed=0,
+        model_name="induction-gpt2-2l",
+    ),
+}
+"""``TransformerBridgeConfig`` keyword arguments of the two bundled models."""
+
+
+# ----- prompts -------------------------------------------------------------------------------
+
+
+def _distinct_tokens(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` rows of ``k`` distinct non-BOS tokens, uniformly at random."""
+    keys = torch.rand(n, D_VOCAB - 1, generator=generator)
+    return keys.argsort(dim=-1)[:, :k] + 1
+
+
+def repeated_tokens(segments: torch.Tensor) -> torch.Tensor:
+    """``BOS, A, A[:-1]`` for each row ``A`` of ``segments`` (n, L): prompts of 2L tokens."""
+    bos = torch.full((segments.shape[0], 1), BOS, dtype=torch.int64)
+    return torch.cat([bos, segments, segments[:, :-1]], dim=1)
+
+
+def distinct_prompt_count(segment_len: int = SEGMENT_LEN) -> int:
+    """How many distinct clean prompts exist: ordered choices of L distinct tokens."""
+    return math.perm(D_VOCAB - 1, segment_len)
+
+
+def make_pairs(n: int, seed: int = 0, segment_len: int = SEGMENT_LEN) -> TokenPairs:
+    """``n`` distinct clean prompts ``BOS, A, A[:-1]`` and corrupt prompts without a repeat.
+
+    Deterministic in ``seed`` (a private ``torch.Generator``; the global RNG is untouched).
+    Raises ``TaskError`` when ``n`` exceeds the number of distinct prompts.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TaskError(f"the induction task needs a whole number of prompts >= 1, got {n!r}")
+    if not 2 <= segment_len or 2 * segment_len > N_CTX:
+        raise TaskError(f"segment_len must be in 2..{N_CTX // 2} (prompts of 2*L tokens fit the "
+                        f"models' context of {N_CTX}), got {segment_len}")
+    available = distinct_prompt_count(segment_len)
+    if n > available:
+        raise TaskError(
+            f"asked for {n} induction prompts, but only {available} distinct ones exist with "
+            f"segments of {segment_len} distinct tokens out of {D_VOCAB - 1}; ask for at most {available}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    rows: dict[tuple[int, ...], None] = {}
+    while len(rows) < n:
+        for row in _distinct_tokens(n - len(rows), segment_len, generator).tolist():
+            rows.setdefault(tuple(row), None)
+    segments = torch.tensor(list(rows), dtype=torch.int64)
+    clean = repeated_tokens(segments)
+    corrupt = torch.cat([clean[:, :1], _distinct_tokens(n, 2 * segment_len - 1, generator)], dim=1)
+    return TokenPairs(clean, corrupt)
+
+
+def repeated_positions(seq_len: int) -> range:
+    """Positions whose next token induction predicts: the repeated half after its first token.
+
+    In ``BOS, A_0..A_{L-1}, A_0..A_{L-2}`` (``seq_len = 2L``), position ``p`` in ``L+1 .. 2L-1``
+    holds ``A_{p-L-1}`` and must predict ``A_{p-L}``, which sits at position ``p - L + 1``.
+    """
+    segment_len = _segment_len(seq_len)
+    return range(segment_len + 1, 2 * segment_len)
+
+
+def _segment_len(seq_len: int) -> int:
+    if seq_len % 2 or seq_len < 4:
+        raise TaskError(f"induction prompts have an even length 2*L >= 4 (BOS, A, A[:-1]), got {seq_len}")
+    return seq_len // 2
+
+
+def token_labels(pairs: TokenPairs) -> list[str]:
+    """The first clean prompt as ``["BOS", "t17", ...]``."""
+    return ["BOS" if t == BOS else f"t{t}" for t in pairs.clean[0].tolist()]
+
+
+# ----- metrics -------------------------------------------------------------------------------
+
+
+def _targets(pairs: TokenPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.tensor(list(repeated_positions(pairs.seq_len)))
+    segment_len = pairs.seq_len // 2
+    return positions, pairs.clean[:, positions - segment_len + 1]
+
+
+def _nll_repeated(positions: torch.Tensor, targets: torch.Tensor,
+                  circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(circuit_logits[:, positions.to(circuit_logits.device)], dim=-1)
+    return -logp.gather(-1, targets.to(logp.device)[..., None]).mean()
+
+
+def _kl_repeated(positions: torch.Tensor, circuit_logits: torch.Tensor,
+                 full_logits: torch.Tensor) -> torch.Tensor:
+    pos = positions.to(circuit_logits.device)
+    kl = F.kl_div(F.log_softmax(circuit_logits[:, pos], dim=-1),
+                  F.log_softmax(full_logits[:, pos], dim=-1), log_target=True, reduction="none")
+    return kl.sum(-1).mean()
+
+
+def nll_metric(pairs: TokenPairs) -> Metric:
+    """Negative log-probability of the correct next token, averaged over the repeated half."""
+    positions, targets = _targets(pairs)
+    return Metric("nll_repeated", partial(_nll_repeated, positions, targets), last_position_only=False)
+
+
+def kl_metric(pairs: TokenPairs) -> Metric:
+    """KL(full model ‖ circuit), summed over the vocabulary, averaged over the repeated half.
+
+    The paper's induction metric: KL over the positions where induction applies.
+    """
+    positions, _ = _targets(pairs)
+    return Metric("kl_repeated", partial(_kl_repeated, positions), last_position_only=False)
+
+
+# ----- heads and the canonical circuit --------------------------------------------------------
+
+
+def head_scores(model: Any, tokens: torch.Tensor) -> dict[str, list[list[float]]]:
+    """Previous-token and induction scores of every head, from ``hook_pattern``.
+
+    ``tokens`` are repeated prompts ``BOS, A, A[:-1]`` (``repeated_tokens``). The previous-token
+    score is the mean attention from position ``p`` to ``p - 1`` over ``p >= 1``; the induction
+    score is the mean attention from ``p`` in the repeated half (``repeated_positions``) to
+    ``p - L + 1``, the token after the earlier occurrence of the current one. Both are
+    ``[layer][head]`` lists.
+    """
+    seq_len = tokens.shape[1]
+    segment_len = _segment_len(seq_len)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n.endswith("hook_pattern"))
+    prev_rows = torch.arange(1, seq_len)
+    ind_rows = torch.tensor(list(repeated_positions(seq_len)))
+    prev, ind = [], []
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # (batch, head, q, k)
+        prev.append(pattern[:, :, prev_rows, prev_rows - 1].mean((0, 2)).tolist())
+        ind.append(pattern[:, :, ind_rows, ind_rows - segment_len + 1].mean((0, 2)).tolist())
+    return {"previous_token": prev, "induction": ind}
+
+
+def identify_heads(scores: dict[str, list[list[float]]]) -> dict[str, list[str]]:
+    """Previous-token heads in layer 0 and induction heads in layer 1, by threshold.
+
+    Only layer 0 can feed layer 1's keys, and only layer 1 can compose, so a head counts only
+    in the layer where it can play its part.
+    """
+    prev = [f"A0.{h}" for h, s in enumerate(scores["previous_token"][0]) if s > PREV_THRESHOLD]
+    ind = [f"A1.{h}" for h, s in enumerate(scores["induction"][1]) if s > INDUCTION_THRESHOLD]
+    return {"previous_token": prev, "induction": ind}
+
+
+def circuit_edges(heads: dict[str, list[str]], positions: bool, seq_len: int) -> set[str]:
+    """The induction circuit of ``heads`` (``identify_heads``), as edge names.
+
+    Without positions: for each previous-token head P and induction head I,
+    ``Embed->P.v`` (the token it moves forward), ``P->I.k``, ``Embed->I.q``, ``Embed->I.v`` and
+    ``I->Out``. P's query and key are left out: a previous-token head finds ``p - 1`` from the
+    positional embedding, which the clean and the corrupt prompt share, so under resample
+    ablation those edges carry nothing that differs (see ``docs/induction.md``).
+
+    With positions, each edge at the positions where the repeated half uses it: ``I->Out`` and
+    ``Embed->I.q`` at ``p`` in ``repeated_positions``; ``P->I.k`` and ``Embed->I.v`` at
+    ``j = p - L + 1`` (2..L), where I attends; ``Embed->P.v`` at ``j - 1`` (1..L-1).
+    """
+    segment_len = _segment_len(seq_len)
+    query_pos = list(repeated_positions(seq_len))
+    key_pos = [p - segment_len + 1 for p in query_pos]
+    prev_pos = [j - 1 for j in key_pos]
+
+    def at(name: str, where: Iterable[int]) -> set[str]:
+        return {f"{name}@{p}" for p in where} if positions else {name}
+
+    edges: set[str] = set()
+    for prev in heads["previous_token"]:
+        edges |= at(f"Embed->{prev}.v", prev_pos)
+    for ind in heads["induction"]:
+        edges |= at(f"{ind}->Out", query_pos) | at(f"Embed->{ind}.q", query_pos)
+        edges |= at(f"Embed->{ind}.v", key_pos)
+        for prev in heads["previous_token"]:
+            edges |= at(f"{prev}->{ind}.k", key_pos)
+    return edges
+
+
+def recorded_heads(model_name: str) -> dict[str, list[str]]:
+    """The heads the build script identified, from the bundled model's JSON."""
+    return bundled_meta(model_name)["build"]["heads"]
+
+
+def canonical_edges(model_name: str, positions: bool, seq_len: int) -> set[str]:
+    """The canonical circuit of a bundled induction model (heads read from its JSON)."""
+    return circuit_edges(recorded_heads(model_name), positions, seq_len)
+
+
+def circuit_metric(weights: Any, pairs: TokenPairs, kept: set[str] | None, metric: Metric,
+                   ablation: str = "resample") -> float:
+    """The metric of the circuit that keeps only ``kept`` (every edge when None).
+
+    ``weights`` is the engine's ``TransformerWeights`` (``acdc_viz.models.adapter.from_model``).
+    Used to verify that a canonical circuit does the task on its own.
+    """
+    from acdc_viz.graph import CircuitGraph
+    from acdc_viz.patching import CircuitRunner
+
+    positions = kept is not None and any("@" in e for e in kept)
+    graph = CircuitGraph(weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
+                         n_positions=pairs.seq_len if positions else None)
+    runner = CircuitRunner(weights, graph, pairs.clean.to(weights.device), pairs.corrupt.to(weights.device),
+                           ablation, last_position_only=metric.last_position_only)  # type: ignore[arg-type]
+    if kept is not None:
+        unknown = sorted(set(kept) - set(graph.edge_index))
+        if unknown:
+            raise TaskError(f"edges not in the model's graph: {unknown[:5]}")
+        for edge in graph.edges:
+            if edge.name not in kept:
+                runner.set_removed(edge, True)
+    return metric(runner.logits_from(0, "attn"), runner.full_logits)
+
+
+# ----- the tasks -----------------------------------------------------------------------------
+
+
+def _check_model(model_name: str, model: Any) -> None:
+    cfg = getattr(model, "cfg", None)
+    expected = MODEL_CONFIGS[model_name]
+    if cfg is None:
+        raise TaskError(f"the induction task needs a TransformerLens model, got {type(model).__name__}")
+    wrong = [f"{key}={getattr(cfg, key, None)!r} (expected {expected[key]!r})"
+             for key in ("d_vocab", "n_layers", "n_heads", "attn_only")
+             if getattr(cfg, key, None) != expected[key]]
+    if getattr(cfg, "n_ctx", 0) < SEQ_LEN:
+        wrong.append(f"n_ctx={getattr(cfg, 'n_ctx', None)!r} (expected >= {SEQ_LEN})")
+    if wrong:
+        raise TaskError(
+            f"this model does not fit the task built on {model_name!r}: " + ", ".join(wrong) +
+            f". Load the bundled model (acdc_viz.tasks.bundled.load_bundled({model_name!r})) or "
+            "use a model of the same shape."
+        )
+
+
+def _task(name: str, model_name: str, description: str, default_tau: float) -> Task:
+    return Task(
+        name=name,
+        description=description,
+        bundled=True,
+        model_name=model_name,
+        load_model=lambda device="cpu": load_bundled(model_name, device=device),
+        make_pairs=make_pairs,
+        default_prompts=DEFAULT_PROMPTS,
+        metrics={"kl_repeated": kl_metric, "nll_repeated": nll_metric},
+        canonical_edges=partial(canonical_edges, model_name),
+        default_tau=default_tau,
+        default_ablation="resample",
+        default_metric="kl_repeated",
+        token_labels=token_labels,
+        check_model=partial(_check_model, model_name),
+    )
+
+
+DEFAULT_PROMPTS = 20
+
+TASKS: list[Task] = [
+    _task("induction", "induction-attn-only-2l",
+          "induction on a bundled 2-layer attention-only model (8 heads), offline", 0.02),
+    _task("induction-gpt2", "induction-gpt2-2l",
+          "induction on a bundled 2-layer GPT-2-architecture model (LayerNorm, MLPs, 4 heads), offline",
+          0.02),
+]
+
+__all__: list[str] = [
+    "TASKS", "canonical_edges", "circuit_edges", "circuit_metric", "head_scores", "identify_heads",
+    "kl_metric", "make_pairs", "nll_metric", "recorded_heads", "repeated_tokens", "token_labels",
+]

@@ -1,0 +1,469 @@
+"""``Explorer``: pick tau, then run, pause, step and replay ACDC in JupyterLab.
+
+The widget only orchestrates: ACDC (``acdc.Acdc``) runs in a background thread, so the kernel and
+every button stay responsive, and each recorded step reaches the seq-graph (``figure``) as an in-
+place update, at most one per ``REDRAW_SECONDS``. Runs are cached by their settings (tau, metric,
+ablation, positions, device), so switching back to a setting shows its trace at once.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as w
+import plotly.graph_objects as go
+import torch
+
+from acdc_viz.acdc import Acdc
+from acdc_viz.data import TokenPairs
+from acdc_viz.figure import TRACE_IDS, build_figure, update_figure
+from acdc_viz.layout import LAYOUTS
+from acdc_viz.trace import Trace, save_trace
+
+log = logging.getLogger(__name__)
+
+REDRAW_SECONDS = 0.05
+"""Steps that come faster than this are coalesced into one redraw; no backlog is queued."""
+
+BUTTONS = ("Run", "Pause", "Step", "Stop", "Reset")
+_NODES = TRACE_IDS.index("nodes")
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """The settings a cached run depends on."""
+
+    tau: float
+    metric: str
+    ablation: str
+    positions: bool
+    device: str
+
+
+def parse_tau(text: str) -> float | None:
+    """A positive finite number, or None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+class Explorer:
+    """ACDC on a bundled task or on your own model, step by step, in a notebook.
+
+    Args:
+        task: a task name from ``acdc-viz tasks`` (default ``"induction"``), or a TransformerLens
+            model, in which case ``pairs`` (clean and corrupt token ids) is required.
+        pairs: ``TokenPairs`` or ``(clean, corrupt)`` for a model.
+        tau, metric, ablation, positions, layout, device: the initial settings (a task's defaults
+            otherwise).
+        prompts: how many prompt pairs a task generates.
+        tokens: token strings of one prompt, for the column labels (a task provides its own).
+        export_dir: where the export buttons write files (default: the working directory).
+    """
+
+    def __init__(
+        self,
+        task: Any = "induction",
+        pairs: Any = None,
+        *,
+        tau: float | None = None,
+        metric: str | None = None,
+        ablation: str | None = None,
+        positions: bool = False,
+        layout: str = "seq",
+        device: str | None = None,
+        prompts: int | None = None,
+        tokens: list[str] | None = None,
+        model_name: str | None = None,
+        export_dir: str | Path = ".",
+    ) -> None:
+        self.export_dir = Path(export_dir)
+        self._metrics: dict[str, Any] = {"kl": "kl", "mse": "mse"}
+        if isinstance(task, str):
+            from acdc_viz.tasks import get_task
+
+            spec = get_task(task)
+            self.model = spec.load_model(device or "cpu")
+            if spec.check_model is not None:
+                spec.check_model(self.model)
+            self.pairs = spec.make_pairs(prompts or spec.default_prompts, 0)
+            self._metrics.update({name: make(self.pairs) for name, make in spec.metrics.items()})
+            tau = tau if tau is not None else spec.default_tau
+            metric = metric or spec.default_metric
+            ablation = ablation or spec.default_ablation
+            tokens = tokens or (spec.token_labels(self.pairs) if spec.token_labels else None)
+            self.name = model_name or spec.name
+        else:
+            if pairs is None:
+                raise ValueError("Explorer(model, pairs): give clean and corrupt token ids for your model")
+            self.model = task
+            self.pairs = pairs if isinstance(pairs, TokenPairs) else TokenPairs.from_batch(pairs)
+            self.name = model_name or getattr(getattr(task, "cfg", None), "model_name", None) or "model"
+        self.tokens = tokens
+        self.runs: dict[RunKey, Acdc] = {}
+        self.acdc: Acdc | None = None
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._pause = threading.Event()
+        self._stop = threading.Event()
+        self._stopped: set[RunKey] = set()
+        self._highlight: str | None = None
+        self._syncing = False
+        self.redraws = 0
+        self.redraw_seconds = 0.0
+        self._build_controls(tau if tau is not None else 0.01, metric or "kl", ablation or "resample",
+                             positions, layout, device)
+        self._select_run()
+
+    # ----- controls ----------------------------------------------------------------------------
+
+    def _build_controls(self, tau: float, metric: str, ablation: str, positions: bool, layout: str,
+                        device: str | None) -> None:
+        style = {"description_width": "initial"}
+        self.tau_slider = w.FloatLogSlider(value=tau, base=10, min=-6, max=0, step=0.05, description="tau",
+                                           readout=False, continuous_update=False,
+                                           layout=w.Layout(width="260px"))
+        self.tau_text = w.Text(value=f"{tau:g}", description="tau", style=style,
+                               layout=w.Layout(width="150px"), continuous_update=False)
+        self.metric = w.Dropdown(options=list(self._metrics), value=metric if metric in self._metrics else "kl",
+                                 description="metric", style=style, layout=w.Layout(width="170px"))
+        self.ablation = w.Dropdown(options=["resample", "zero", "mean"], value=ablation,
+                                   description="ablation", style=style, layout=w.Layout(width="180px"))
+        self.positions = w.ToggleButton(value=positions, description="positions",
+                                        tooltip="split every edge by token position",
+                                        layout=w.Layout(width="100px"))
+        self.layout = w.Dropdown(options=list(LAYOUTS), value=layout, description="layout", style=style,
+                                 layout=w.Layout(width="190px"))
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        self.device = w.Dropdown(options=devices, value=device if device in devices else "cpu",
+                                 description="device", style=style, layout=w.Layout(width="140px"))
+        self.show_removed = w.Checkbox(value=True, description="show removed", indent=False,
+                                       layout=w.Layout(width="130px"))
+        self.buttons = {name: w.Button(description=name, layout=w.Layout(width="72px"))
+                        for name in BUTTONS}
+        self.buttons["Run"].button_style = "primary"
+        self.status = w.HTML()
+        self.progress = w.IntProgress(min=0, max=1, layout=w.Layout(width="240px"))
+        self.eta = w.Label()
+        self.message = w.HTML()
+        self.log = w.Output(layout=w.Layout(max_height="120px", overflow="auto"))
+        self.replay = w.IntSlider(value=-1, min=-1, max=-1, description="replay step", style=style,
+                                  continuous_update=True, layout=w.Layout(width="420px"))
+        self.play = w.Play(value=-1, min=-1, max=-1, interval=150, description="Play")
+        w.jslink((self.play, "value"), (self.replay, "value"))
+        self.exports = {ext: w.Button(description=label, layout=w.Layout(width="90px"))
+                        for ext, label in ((".html", "HTML"), (".png", "PNG"), (".svg", "SVG"),
+                                           (".json", "Trace JSON"))}
+        self.history = go.FigureWidget()
+        self.history.add_scatter(name="metric", mode="lines", line={"color": "#0072B2"})
+        self.history.add_scatter(name="edges kept", mode="lines", yaxis="y2", line={"color": "#E69F00"})
+        self.history.update_layout(
+            height=260, width=320, margin={"l": 50, "r": 50, "t": 30, "b": 40}, template="simple_white",
+            title={"text": "metric and edges kept", "font_size": 12}, xaxis_title="step",
+            yaxis={"title": "metric", "color": "#0072B2"},
+            yaxis2={"title": "edges kept", "overlaying": "y", "side": "right", "color": "#E69F00"},
+            showlegend=False,
+        )
+        self.figure_box = w.Box(layout=w.Layout(flex="1 1 auto", min_width="0"))
+
+        self.tau_slider.observe(self._on_tau_slider, "value")
+        self.tau_text.observe(self._on_tau_text, "value")
+        for control in (self.metric, self.ablation, self.positions, self.device):
+            control.observe(lambda _change: self._select_run(), "value")
+        self.layout.observe(lambda _change: self._redraw(), "value")
+        self.show_removed.observe(lambda _change: self._redraw(), "value")
+        self.replay.observe(self._on_replay, "value")
+        self.buttons["Run"].on_click(lambda _b: self.run())
+        self.buttons["Pause"].on_click(lambda _b: self.pause())
+        self.buttons["Step"].on_click(lambda _b: self.step())
+        self.buttons["Stop"].on_click(lambda _b: self.stop())
+        self.buttons["Reset"].on_click(lambda _b: self.reset())
+        for ext, button in self.exports.items():
+            button.on_click(lambda _b, ext=ext: self.export(ext))
+
+        settings = w.HBox([self.tau_slider, self.tau_text, self.metric, self.ablation, self.positions,
+                           self.device], layout=w.Layout(flex_flow="row wrap"))
+        actions = w.HBox([*self.buttons.values(), self.progress, self.eta])
+        view = w.HBox([self.layout, self.show_removed, self.play, self.replay],
+                      layout=w.Layout(flex_flow="row wrap"))
+        side = w.VBox([self.history, w.HTML("<b>export</b>"), w.HBox(list(self.exports.values())[:2]),
+                       w.HBox(list(self.exports.values())[2:]), self.log],
+                      layout=w.Layout(width="330px"))
+        self.widget = w.VBox([settings, actions, self.status, self.message,
+                              w.HBox([self.figure_box, side]), view])
+
+    # ----- settings and the run cache ------------------------------------------------------------
+
+    def _on_tau_slider(self, change: dict) -> None:
+        if self._syncing:
+            return
+        self._syncing = True
+        self.tau_text.value = f"{change['new']:.3g}"
+        self._syncing = False
+        self._select_run()
+
+    def _on_tau_text(self, change: dict) -> None:
+        tau = parse_tau(change["new"])
+        if tau is None:
+            self.tau_text.add_class("acdc-invalid")
+            self.tau_text.description = "tau ✗"
+            self._show_message(f"tau must be a positive number, not {change['new']!r}", error=True)
+            self._sync_buttons()
+            return
+        self.tau_text.remove_class("acdc-invalid")
+        self.tau_text.description = "tau"
+        if not self._syncing:
+            self._syncing = True
+            self.tau_slider.value = min(max(tau, 10**self.tau_slider.min), 10**self.tau_slider.max)
+            self._syncing = False
+        self._select_run()
+
+    @property
+    def tau(self) -> float | None:
+        return parse_tau(self.tau_text.value)
+
+    def run_key(self) -> RunKey | None:
+        tau = self.tau
+        if tau is None:
+            return None
+        return RunKey(tau, self.metric.value, self.ablation.value, bool(self.positions.value), self.device.value)
+
+    def _select_run(self) -> None:
+        """Show the run of the current settings: the cached one, or a fresh one at step -1."""
+        if self.running:
+            self._show_message("finish or pause the current run before changing settings", error=True)
+            return
+        key = self.run_key()
+        if key is None:
+            self._sync_buttons()
+            return
+        if key not in self.runs:
+            try:
+                self.runs[key] = Acdc(self.model, self.pairs, tau=key.tau, metric=self._metrics[key.metric],
+                                      ablation=key.ablation, positions=key.positions, device=key.device,
+                                      model_name=self.name, tokens=self.tokens)
+            except Exception as exc:  # noqa: BLE001 - shown in the widget, never raised into the cell
+                self.acdc = None
+                self._show_error(exc)
+                self._sync_buttons()
+                return
+            cached = ""
+        else:
+            cached = " (cached run)"
+        self.acdc = self.runs[key]
+        self._highlight = None
+        self._new_figure()
+        self._show_message(f"tau = {key.tau:g}{cached}")
+        self._redraw()
+
+    def _new_figure(self) -> None:
+        assert self.acdc is not None
+        self.fig = build_figure(self.acdc.trace, None, layout=self.layout.value,
+                                show_removed=self.show_removed.value, widget=True)
+        self.fig.data[_NODES].on_click(self._on_node_click)
+        self.figure_box.children = (self.fig,)
+
+    # ----- actions -------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def trace(self) -> Trace | None:
+        return None if self.acdc is None else self.acdc.trace
+
+    def run(self, max_steps: int | None = None) -> None:
+        """Start or continue in the background (what the ``Run`` button does)."""
+        if self.running or self.acdc is None or self.acdc.done or self.tau is None:
+            return
+        if self.run_key() in self._stopped:
+            return
+        self._pause.clear()
+        self._stop.clear()
+        self.error = None
+        self._thread = threading.Thread(target=self._work, args=(self.acdc, max_steps), daemon=True,
+                                        name="acdc-viz-run")
+        self._thread.start()
+        self._sync_buttons()
+
+    def step(self) -> None:
+        """Test exactly one edge (the ``Step`` button)."""
+        self.run(max_steps=1)
+
+    def pause(self) -> None:
+        """Halt after the current step; ``Run`` continues."""
+        self._pause.set()
+
+    def stop(self) -> None:
+        """End the run; its trace is kept (export it, replay it, or ``Reset``)."""
+        key = self.run_key()
+        if key is not None and self.acdc is not None and not self.acdc.done:
+            self._stopped.add(key)
+        self._stop.set()
+        self._sync_buttons()
+
+    def reset(self) -> None:
+        """Back to the full graph: forget the run of the current settings."""
+        if self.running:
+            self._stop.set()
+            self.wait()
+        key = self.run_key()
+        if key is not None:
+            self.runs.pop(key, None)
+            self._stopped.discard(key)
+        self.error = None
+        self._select_run()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the background run halts (for scripts and tests)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _work(self, acdc: Acdc, max_steps: int | None) -> None:
+        done = 0
+        last = 0.0
+        try:
+            for _ in acdc.steps():
+                done += 1
+                now = time.perf_counter()
+                if now - last >= REDRAW_SECONDS:
+                    self._redraw(follow=True)
+                    last = time.perf_counter()
+                if self._pause.is_set() or self._stop.is_set() or (max_steps and done >= max_steps):
+                    break
+        except Exception as exc:  # noqa: BLE001 - shown in the widget; the trace so far survives
+            self._show_error(exc)
+        finally:
+            self._thread = None
+            self._redraw(follow=True)
+            self._sync_buttons()
+
+    # ----- drawing -------------------------------------------------------------------------------
+
+    def _on_replay(self, change: dict) -> None:
+        if not self._syncing:
+            self._redraw(step=change["new"])
+
+    def _on_node_click(self, _trace: Any, points: Any, _selector: Any) -> None:
+        if not points.point_inds:
+            return
+        key = self.fig.data[_NODES].customdata[points.point_inds[0]]
+        self.highlight(None if key == self._highlight else key)
+
+    def highlight(self, node_key: str | None) -> None:
+        """Emphasise a node's kept paths to ``Out`` and from ``Embed`` (what a click does)."""
+        self._highlight = node_key
+        self._redraw(step=self.replay.value)
+
+    def _redraw(self, step: int | None = None, follow: bool = False) -> None:
+        """Draw the current run after ``step`` (the latest when ``follow`` or None)."""
+        acdc = self.acdc
+        if acdc is None:
+            return
+        start = time.perf_counter()
+        trace = acdc.trace
+        last = len(trace.steps) - 1
+        shown = last if (follow or step is None) else min(step, last)
+        self._syncing = True
+        try:
+            self.replay.max = self.play.max = last
+            if follow or step is None:
+                self.replay.value = self.play.value = shown
+        finally:
+            self._syncing = False
+        try:
+            update_figure(self.fig, trace, shown, show_removed=self.show_removed.value,
+                          highlight=self._highlight, layout=self.layout.value)
+        except (KeyError, ValueError):   # a node of another graph shape was highlighted
+            self._highlight = None
+            update_figure(self.fig, trace, shown, show_removed=self.show_removed.value,
+                          layout=self.layout.value)
+        steps = trace.steps[: shown + 1]
+        with self.history.batch_update():
+            xs = list(range(-1, shown + 1))
+            self.history.data[0].x = xs
+            self.history.data[0].y = [trace.initial_metric] + [trace.metric_after(s.index) for s in steps]
+            self.history.data[1].x = xs
+            self.history.data[1].y = [trace.n_edges] + [s.kept_edges for s in steps]
+        kept = steps[-1].kept_edges if steps else trace.n_edges
+        metric = trace.metric_after(shown)
+        state = "complete" if acdc.done and shown == last else ("running" if self.running else "")
+        self.status.value = (
+            f"<b>step {shown + 1} / {trace.n_edges}</b> &nbsp;·&nbsp; edges kept {kept} &nbsp;·&nbsp; "
+            f"{html.escape(trace.settings['metric'])} {metric:.4g} &nbsp;·&nbsp; tau {trace.settings['tau']:g}"
+            + (f" &nbsp;·&nbsp; <i>{state}</i>" if state else "")
+        )
+        self.progress.max = trace.n_edges
+        self.progress.value = len(trace.steps)
+        self.eta.value = self._eta(trace)
+        self.redraws += 1
+        self.redraw_seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _eta(trace: Trace) -> str:
+        recent = trace.steps[-200:]
+        remaining = trace.n_edges - len(trace.steps)
+        if not recent or remaining == 0:
+            return "done" if remaining == 0 else ""
+        per_step = sum(s.seconds for s in recent) / len(recent)
+        return f"ETA {remaining * per_step:.0f} s" if remaining * per_step >= 1 else "ETA <1 s"
+
+    def _sync_buttons(self) -> None:
+        running = self.running
+        key = self.run_key()
+        finished = self.acdc is None or self.acdc.done or key in self._stopped or key is None
+        self.buttons["Run"].disabled = running or finished
+        self.buttons["Step"].disabled = running or finished
+        self.buttons["Pause"].disabled = not running
+        self.buttons["Stop"].disabled = not running and finished
+        self.buttons["Reset"].disabled = self.acdc is None and key is None
+
+    def _show_message(self, text: str, error: bool = False) -> None:
+        colour = "#B00020" if error else "#555"
+        self.message.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
+
+    def _show_error(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.warning("acdc_viz widget: %s", self.error)
+        self._show_message(self.error, error=True)
+        self.log.append_stdout(self.error + "\n")
+
+    # ----- export --------------------------------------------------------------------------------
+
+    def export(self, ext: str) -> Path | None:
+        """Write the figure (``.html``, ``.png``, ``.svg``) or the trace (``.json``) to export_dir."""
+        if self.acdc is None:
+            return None
+        trace = self.acdc.trace
+        key = self.run_key()
+        stem = f"acdc_{self.name}_tau{trace.settings['tau']:g}" + ("_pos" if key and key.positions else "")
+        path = self.export_dir / f"{stem}{ext}"
+        try:
+            if ext == ".json":
+                save_trace(trace, path)
+            else:
+                from acdc_viz.export import write_figure
+
+                write_figure(build_figure(trace, self.replay.value, layout=self.layout.value,
+                                          show_removed=self.show_removed.value, highlight=self._highlight),
+                             path)
+        except Exception as exc:  # noqa: BLE001 - e.g. no browser for PNG: shown, not raised
+            self._show_error(exc)
+            return None
+        self._show_message(f"wrote {path}")
+        return path
+
+    # ----- display -------------------------------------------------------------------------------
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)

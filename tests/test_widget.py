@@ -1,0 +1,140 @@
+"""The Explorer, driven headlessly through its buttons' handlers and its controls' values."""
+
+from __future__ import annotations
+
+import pytest
+
+from acdc_viz.widget import BUTTONS, Explorer
+from conftest import token_pairs
+
+
+@pytest.fixture()
+def explorer(gpt2, tmp_path):
+    return Explorer(gpt2, token_pairs(), tau=1e-3, model_name="tiny", export_dir=tmp_path)
+
+
+def click(ex, name):
+    ex.buttons[name].click()
+
+
+def test_controls_follow_the_contract(explorer):
+    assert tuple(b.description for b in explorer.buttons.values()) == BUTTONS
+    assert explorer.tau_slider.description == "tau" and explorer.tau_text.description == "tau"
+    assert "step 0 / 75" in explorer.status.value and "edges kept 75" in explorer.status.value
+    assert explorer.device.options[0] == "cpu"
+
+
+def test_step_tests_exactly_one_edge(explorer):
+    click(explorer, "Step")
+    explorer.wait()
+    assert len(explorer.trace.steps) == 1 and "step 1 / 75" in explorer.status.value
+    click(explorer, "Step")
+    explorer.wait()
+    assert len(explorer.trace.steps) == 2
+
+
+def test_run_then_pause_stops_after_the_current_step(explorer):
+    click(explorer, "Run")
+    click(explorer, "Pause")
+    explorer.wait()
+    n = len(explorer.trace.steps)
+    assert 1 <= n < 75 and not explorer.running
+    click(explorer, "Run")                    # continues
+    explorer.wait()
+    assert explorer.acdc.done and explorer.buttons["Step"].disabled and explorer.buttons["Run"].disabled
+    assert "step 75 / 75" in explorer.status.value
+
+
+def test_run_twice_does_nothing_more(explorer):
+    click(explorer, "Run")
+    thread = explorer._thread
+    click(explorer, "Run")
+    assert explorer._thread is thread or thread is None
+    explorer.wait()
+    assert explorer.acdc.done
+
+
+def test_stop_keeps_the_trace(explorer):
+    click(explorer, "Step")
+    explorer.wait()
+    click(explorer, "Stop")
+    assert len(explorer.trace.steps) == 1
+    assert explorer.buttons["Run"].disabled and explorer.buttons["Step"].disabled
+    path = explorer.export(".json")
+    assert path.exists()
+
+
+def test_replay_shows_the_state_after_step_i(explorer):
+    explorer.run()
+    explorer.wait()
+    explorer.replay.value = 10
+    assert "step 11 / 75" in explorer.status.value
+    kept_after_10 = explorer.trace.steps[10].kept_edges
+    assert f"edges kept {kept_after_10}" in explorer.status.value
+    assert len(explorer.trace.steps) == 75            # nothing recomputed or lost
+
+
+def test_tau_change_uses_the_cache(explorer):
+    explorer.run()
+    explorer.wait()
+    first = explorer.acdc
+    explorer.tau_text.value = "0.002"
+    assert explorer.acdc is not first and len(explorer.trace.steps) == 0
+    explorer.tau_text.value = "0.001"
+    assert explorer.acdc is first and explorer.acdc.done
+
+
+def test_bad_tau_is_flagged_and_nothing_runs(explorer):
+    explorer.tau_text.value = "-3"
+    assert "✗" in explorer.tau_text.description and "positive" in explorer.message.value
+    assert explorer.buttons["Run"].disabled
+    explorer.run()
+    assert not explorer.running
+
+
+def test_reset_returns_to_the_full_graph(explorer):
+    explorer.step()
+    explorer.wait()
+    click(explorer, "Reset")
+    assert len(explorer.trace.steps) == 0 and "edges kept 75" in explorer.status.value
+
+
+def test_layout_and_positions_keep_the_trace(explorer):
+    explorer.run()
+    explorer.wait()
+    trace = explorer.trace
+    explorer.layout.value = "spring"
+    explorer.positions.value = True
+    assert explorer.trace.graph.n_positions == 6
+    explorer.positions.value = False
+    assert explorer.trace is trace
+
+
+def test_an_error_in_a_run_is_shown_and_the_trace_survives(explorer, monkeypatch):
+    explorer.step()
+    explorer.wait()
+    monkeypatch.setattr(explorer.acdc.runner, "logits_for", lambda edge: 1 / 0)
+    explorer.run()
+    explorer.wait()
+    assert "ZeroDivisionError" in explorer.message.value and len(explorer.trace.steps) == 1
+    assert not explorer.running
+
+
+def test_a_model_without_what_the_engine_needs_shows_the_message():
+    import torch
+
+    ex = Explorer(torch.nn.Linear(2, 2), token_pairs())
+    assert "TransformerLens" in ex.message.value and ex.acdc is None
+
+
+def test_clicking_a_node_highlights_its_paths(explorer):
+    explorer.tau_text.value = "1e-6"
+    explorer.run()
+    explorer.wait()
+    kept = explorer.trace.final_kept_edges
+    node = next(e.split("->")[0] for e in kept if not e.startswith("Embed"))
+    explorer.highlight(node)
+    paths = explorer.fig.data[9]
+    assert len(paths.x) > 0
+    explorer.highlight(None)
+    assert len(explorer.fig.data[9].x) == 0
