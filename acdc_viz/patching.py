@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from acdc_viz.graph import QKV, CircuitGraph, Edge
 from acdc_viz.models.adapter import TransformerWeights
@@ -30,6 +31,7 @@ from acdc_viz.models.adapter import TransformerWeights
 Ablation = Literal["resample", "zero", "mean"]
 ABLATIONS: tuple[str, ...] = ("resample", "zero", "mean")
 Stage = Literal["attn", "mlp", "out"]
+_ALL = slice(None)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class CircuitRunner:
         self.last_position_only = last_position_only
         self.n_layers, self.n_heads = weights.n_layers, weights.n_heads
         self.n_pos = 1 if graph.n_positions is None else graph.n_positions
+        self.seq_len = clean.shape[1]
         n_src = len(graph.sources)
         self._head0 = [graph.sources.index(next(s for s in graph.sources if s.layer == lay)) for lay in range(self.n_layers)]
         self._mlp_src = [h0 + self.n_heads for h0 in self._head0]
@@ -166,36 +169,45 @@ class CircuitRunner:
     def _contract(self, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """sum_s mask[r, s, p] * values[s, b, p, d]  ->  (r, b, p, d)."""
         if self.n_pos == 1:
-            return (mask[:, :, 0] @ values.flatten(1)).view(mask.shape[0], *values.shape[1:])
+            return (mask[:, :, 0] @ values.reshape(values.shape[0], -1)).view(mask.shape[0], *values.shape[1:])
         return torch.einsum("rsp,sbpd->rbpd", mask, values)
 
-    def _correction(self, group: _Group, s_end: int, s0: int) -> torch.Tensor | None:
+    def _correction(self, group: _Group, s_end: int, s0: int, pos: slice = _ALL) -> torch.Tensor | None:
         """Corrections (active rows, batch, pos, d_model) for a group whose sources are [0, s_end).
 
         Sources with index < s0 have their clean outputs in this pass, so their part is cached
         until the group's mask changes; the rest use this pass's outputs (``self.work``).
+        ``pos`` restricts it to some positions (the last one, for the top block).
         """
         if not group.active:
             return None
         s_fixed = min(s0, s_end)
-        key = (s_fixed, group.version)
+        key = (s_fixed, group.version, pos.start)
+        mask = self.mask[group.active]
+        if self.n_pos > 1:
+            mask = mask[..., pos]
         if group.cache_key != key:
-            rows = self.mask[group.active, :s_fixed]
-            group.cache = self._contract(rows, self.diff_clean[:s_fixed])
+            group.cache = self._contract(mask[:, :s_fixed], self.diff_clean[:s_fixed, :, pos])
             group.cache_key = key
         assert group.cache is not None
         if s_end <= s0:
             return group.cache
-        rows = self.mask[group.active, s0:s_end]
-        return group.cache + self._contract(rows, self.work[s0:s_end])
+        return group.cache + self._contract(mask[:, s0:s_end], self.work[s0:s_end, :, pos])
 
-    def _attention(self, layer: int, resid: torch.Tensor, s0: int) -> torch.Tensor:
+    def _attention(self, layer: int, resid: torch.Tensor, s0: int, pos: slice) -> torch.Tensor:
+        """The residual stream after the attention of ``layer``, at positions ``pos``.
+
+        Keys and values are always computed at every position; queries and outputs only at
+        ``pos`` (all, or the last one when nothing above reads the others).
+        """
         w, lw = self.w, self.w.layers[layer]
-        q, k, v = w.qkv(layer, lw.ln1(resid))
+        normed = lw.ln1(resid)
+        q, k, v = (torch.einsum("bpd,hde->bhpe", x, W) + b[None, :, None, :] for x, W, b in
+                   ((normed[:, pos], lw.W_Q, lw.b_Q), (normed, lw.W_K, lw.b_K), (normed, lw.W_V, lw.b_V)))
         group = self.groups[(layer, "qkv")]
         corr = self._correction(group, self._head0[layer], s0)
         if corr is not None:
-            normed = lw.ln1(resid.unsqueeze(0) + corr)             # (rows, batch, pos, d_model)
+            fixed = lw.ln1(resid.unsqueeze(0) + corr)             # (rows, batch, pos, d_model)
             base = group.rows[0]
             for letter, (target, W, b) in enumerate(
                 ((q, lw.W_Q, lw.b_Q), (k, lw.W_K, lw.b_K), (v, lw.W_V, lw.b_V))
@@ -204,42 +216,51 @@ class CircuitRunner:
                 if not sel:
                     continue
                 heads = [group.active[i] - base - letter * self.n_heads for i in sel]
-                x = normed[sel] if len(sel) < len(group.active) else normed
-                proj = torch.einsum("rbpd,rde->brpe", x, W[heads]) + b[heads][None, :, None, :]
-                target[:, heads] = proj
-        heads_out = w.attention(layer, q, k, v)                    # (heads, batch, pos, d_model)
-        h0 = self._head0[layer]
-        torch.sub(self.ablated[h0:h0 + self.n_heads], heads_out, out=self.work[h0:h0 + self.n_heads])
-        return heads_out.sum(0) + lw.b_O
+                x = fixed[sel] if len(sel) < len(group.active) else fixed
+                if letter == 0:
+                    x = x[:, :, pos]
+                target[:, heads] = torch.einsum("rbpd,rde->brpe", x, W[heads]) + b[heads][None, :, None, :]
+        causal = w.causal and pos is _ALL     # a last-position query may see every key
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0 / lw.attn_scale)
+        heads_out = torch.einsum("bhpe,hed->hbpd", z, lw.W_O)    # (heads, batch, pos, d_model)
+        h0, h1 = self._head0[layer], self._head0[layer] + self.n_heads
+        self.work[h0:h1, :, pos] = self.ablated[h0:h1, :, pos] - heads_out
+        return resid[:, pos] + heads_out.sum(0) + lw.b_O
 
-    def _mlp(self, layer: int, resid: torch.Tensor, s0: int) -> torch.Tensor:
+    def _mlp(self, layer: int, resid: torch.Tensor, s0: int, pos: slice) -> torch.Tensor:
+        """The MLP's output for ``resid`` (the stream at positions ``pos``)."""
         lw = self.w.layers[layer]
         src = self._mlp_src[layer]
-        corr = self._correction(self.groups[(layer, "mlp")], src, s0)
+        corr = self._correction(self.groups[(layer, "mlp")], src, s0, pos)
         out = lw.mlp(resid if corr is None else resid + corr[0], self.w.act)
-        torch.sub(self.ablated[src], out, out=self.work[src])
+        self.work[src, :, pos] = self.ablated[src, :, pos] - out
         return out
 
     def logits_from(self, layer: int, stage: Stage) -> torch.Tensor:
         """Logits of the current circuit, recomputing only from ``stage`` of block ``layer`` up.
 
         Exact as long as no edge into a destination below that point is removed, which ACDC's
-        visit order guarantees.
+        visit order guarantees. When the metric reads only the last position, the top block
+        computes its queries, outputs and MLP only there.
         """
-        n_src = self.mask.shape[1]
+        n_src, top = self.mask.shape[1], self.n_layers - 1
+        last = slice(self.seq_len - 1, None) if self.last_position_only else _ALL
         with torch.no_grad():
             if stage == "out":
-                resid, s0 = self.resid_final, n_src
+                resid, s0 = self.resid_final[:, last], n_src
             elif stage == "mlp":
                 resid, s0 = self.resid_mid[layer], self._mlp_src[layer]
+                if layer == top:
+                    resid = resid[:, last]
             else:
                 resid, s0 = self.resid_pre[layer], self._head0[layer]
             for lay in range(layer, self.n_layers) if stage != "out" else ():
+                pos = last if lay == top else _ALL
                 if lay > layer or stage == "attn":
-                    resid = resid + self._attention(lay, resid, s0)
+                    resid = self._attention(lay, resid, s0, pos)
                 if not self.w.attn_only:
-                    resid = resid + self._mlp(lay, resid, s0)
-            corr = self._correction(self.groups[(self.n_layers, "out")], n_src, s0)
+                    resid = resid + self._mlp(lay, resid, s0, pos)
+            corr = self._correction(self.groups[(self.n_layers, "out")], n_src, s0, last)
             if corr is not None:
                 resid = resid + corr[0]
             return self._logits(resid)
