@@ -127,17 +127,22 @@ def at_positions(edges: Iterable[str], positions: bool, seq_len: int) -> set[str
     return {f"{e}@{p}" for e in edges for p in range(seq_len)}
 
 
+def words(text: str) -> tuple[str, ...]:
+    """A word list written as one string, split on whitespace."""
+    return tuple(text.split())
+
+
 def token_texts(tokenizer: Any, ids: Iterable[int]) -> list[str]:
     """Each token id as the text it stands for (for labels in the figure)."""
     return [tokenizer.decode([int(i)]) for i in ids]
 
 
-def single_token_words(tokenizer: Any, words: Iterable[str], *, prefix: str = " ",
+def single_token_words(tokenizer: Any, candidates: Iterable[str], *, prefix: str = " ",
                        also_bare: bool = False) -> list[str]:
     """The words that the tokenizer turns into one token after ``prefix`` (and bare, too, with
     ``also_bare``), in their original order."""
     kept = []
-    for word in words:
+    for word in candidates:
         forms = [prefix + word, word] if also_bare else [prefix + word]
         if all(len(tokenizer.encode(f, add_special_tokens=False)) == 1 for f in forms):
             kept.append(word)

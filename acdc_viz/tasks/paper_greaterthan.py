@@ -17,7 +17,7 @@ from acdc_viz.data import TokenPairs
 from acdc_viz.graph import QKV, CircuitGraph
 from acdc_viz.metrics import Metric
 from acdc_viz.tasks.base import TaskError
-from acdc_viz.tasks.paper_common import check_count, make_token_pairs
+from acdc_viz.tasks.paper_common import check_count, make_token_pairs, words
 
 TASK = "greater-than"
 
@@ -30,11 +30,11 @@ CORRUPT_YY = "01"
 CENTURIES: tuple[int, ...] = tuple(range(11, 18))
 
 #: Nouns for things that last, one GPT-2 token each after a space.
-NOUNS: tuple[str, ...] = tuple(
+NOUNS: tuple[str, ...] = words(
     "war strike drought famine siege reign trial tour voyage journey project campaign conflict "
     "crisis dynasty empire expedition festival occupation plague rebellion revolt truce boom "
     "recession marriage friendship partnership alliance treaty exile feud rivalry blockade "
-    "embargo program study survey".split()
+    "embargo program study survey"
 )
 
 

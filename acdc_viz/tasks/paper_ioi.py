@@ -18,7 +18,7 @@ from acdc_viz.data import TokenPairs
 from acdc_viz.graph import QKV, CircuitGraph
 from acdc_viz.metrics import Metric
 from acdc_viz.tasks.base import TaskError
-from acdc_viz.tasks.paper_common import check_count, make_token_pairs
+from acdc_viz.tasks.paper_common import check_count, make_token_pairs, words
 
 TASK = "ioi"
 
@@ -38,18 +38,18 @@ NAME_POSITIONS: tuple[int, int, int] = (2, 4, 10)
 SEQ_LEN = 15
 
 #: First names that are one GPT-2 token each after a space.
-NAMES: tuple[str, ...] = tuple(
+NAMES: tuple[str, ...] = words(
     "Mary John Tom James Anna Paul Kate Mark Sarah David Lisa Peter Emma Michael Laura Daniel "
     "Rachel Steven Jessica Robert Amy Kevin Alice Brian Helen Eric Linda Jason Susan George "
     "Karen Richard Emily Andrew Chris Adam Ben Sam Joe Matt Lucy Jack Grace Ryan Tim Anne Rose "
-    "Nick Kelly Jennifer".split()
+    "Nick Kelly Jennifer"
 )
-PLACES: tuple[str, ...] = tuple(
+PLACES: tuple[str, ...] = words(
     "store park school office restaurant hospital station garden house beach library church "
-    "market lake museum airport".split()
+    "market lake museum airport"
 )
-OBJECTS: tuple[str, ...] = tuple(
-    "drink book ring ball gift letter bag pen key cake flower card snack hat box coin phone".split()
+OBJECTS: tuple[str, ...] = words(
+    "drink book ring ball gift letter bag pen key cake flower card snack hat box coin phone"
 )
 #: ABBA: the IO comes first ("Mary and John ... John gave ... to Mary"); BABA: the S does.
 ORDERS: tuple[str, ...] = ("ABBA", "BABA")
@@ -103,16 +103,16 @@ def make_ioi_pairs(n: int, seed: int = 0, *, tokenizer: Any = None) -> TokenPair
 
 def answers(pairs: TokenPairs) -> tuple[torch.Tensor, torch.Tensor]:
     """The IO and S token ids of each clean prompt, read from its name positions."""
-    ok = pairs.seq_len == SEQ_LEN
-    if ok:
-        a, b, s = (pairs.clean[:, p] for p in NAME_POSITIONS)
-        ok = bool(((a == s) ^ (b == s)).all())
-    if not ok:
-        raise TaskError(
-            f"these token pairs are not IOI prompts of this task: expected {SEQ_LEN} tokens with "
-            f"names at positions {NAME_POSITIONS}, exactly one of the first two equal to the "
-            "third. Make them with the task's make_pairs."
-        )
+    not_ioi = TaskError(
+        f"these token pairs are not IOI prompts of this task: expected {SEQ_LEN} tokens with "
+        f"names at positions {NAME_POSITIONS}, exactly one of the first two equal to the "
+        "third. Make them with the task's make_pairs."
+    )
+    if pairs.seq_len != SEQ_LEN:
+        raise not_ioi
+    a, b, s = (pairs.clean[:, p] for p in NAME_POSITIONS)
+    if not bool(((a == s) ^ (b == s)).all()):
+        raise not_ioi
     return torch.where(a == s, b, a), s
 
 
