@@ -452,9 +452,9 @@ class Explorer:
             if ext == ".json":
                 save_trace(trace, path)
             else:
-                from acdc_viz.export import write_figure
+                from acdc_viz.export import export_figure
 
-                write_figure(build_figure(trace, self.replay.value, layout=self.layout.value,
+                export_figure(build_figure(trace, self.replay.value, layout=self.layout.value,
                                           show_removed=self.show_removed.value, highlight=self._highlight),
                              path)
         except Exception as exc:  # noqa: BLE001 - e.g. no browser for PNG: shown, not raised

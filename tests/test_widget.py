@@ -138,3 +138,13 @@ def test_clicking_a_node_highlights_its_paths(explorer):
     assert len(paths.x) > 0
     explorer.highlight(None)
     assert len(explorer.fig.data[9].x) == 0
+
+
+def test_export_buttons_write_files(explorer):
+    explorer.step()
+    explorer.wait()
+    explorer.exports[".html"].click()
+    html_files = list(explorer.export_dir.glob("*.html"))
+    assert len(html_files) == 1 and "plotly" in html_files[0].read_text()[:200000].lower()
+    explorer.exports[".json"].click()
+    assert list(explorer.export_dir.glob("*.json"))
