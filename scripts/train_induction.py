@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acdc_viz.models.adapter import from_model  # noqa: E402
-from acdc_viz.tasks import induction as task  # noqa: E402
-from acdc_viz.tasks.bundled import BUNDLED_DIR, save_bundled  # noqa: E402
+from acdc_viz.graph import CircuitGraph
+from acdc_viz.models.adapter import from_model
+from acdc_viz.tasks import induction as task
+from acdc_viz.tasks.bundled import BUNDLED_DIR, save_bundled
 
 log = logging.getLogger("train_induction")
 
@@ -50,8 +52,10 @@ SCORE_PROMPTS = 200
 SEGMENT_LENS = (3, 11)
 
 HYPERPARAMS: dict[str, dict[str, float]] = {
-    "induction-attn-only-2l": {"steps": 2000, "batch": 64, "lr": 1e-3, "weight_decay": 0.01, "warmup": 100},
-    "induction-gpt2-2l": {"steps": 2000, "batch": 64, "lr": 1e-3, "weight_decay": 0.01, "warmup": 100},
+    "induction-attn-only-2l": {"steps": 1000, "batch": 128, "lr": 3e-3, "weight_decay": 0.01, "warmup": 100,
+                               "mlp_start": 0},
+    "induction-gpt2-2l": {"steps": 1500, "batch": 128, "lr": 3e-3, "weight_decay": 0.01, "warmup": 100,
+                          "mlp_start": 600},
 }
 
 
@@ -84,7 +88,9 @@ def train(name: str, overrides: dict[str, float]) -> dict:
     from transformer_lens.model_bridge import TransformerBridge
 
     hp = {**HYPERPARAMS[name], **overrides}
-    config = task.MODEL_CONFIGS[name]
+    config = dict(task.MODEL_CONFIGS[name])
+    if "init_seed" in overrides:
+        config["seed"] = int(overrides.pop("init_seed"))
     torch.manual_seed(config["seed"])
     model = TransformerBridge.boot_native(TransformerBridgeConfig(**config))
     model.train()
@@ -98,20 +104,31 @@ def train(name: str, overrides: dict[str, float]) -> dict:
         return 0.5 * (1 + math.cos(math.pi * (step - hp["warmup"]) / (total - hp["warmup"])))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    mlp_params = [] if config["attn_only"] else [
+        p for layer in range(config["n_layers"]) for p in model.blocks[layer].mlp.parameters()
+    ]
+    if hp["mlp_start"]:
+        with torch.no_grad():                                   # the MLPs add nothing until mlp_start
+            for layer in range(config["n_layers"]):
+                model.blocks[layer].mlp.out.weight.zero_()
+                model.blocks[layer].mlp.out.bias.zero_()
     generator = torch.Generator().manual_seed(DATA_SEED)
     eval_pairs = task.make_pairs(200, seed=SCORE_SEED + 1)
     start = time.perf_counter()
     history = []
     for step in range(total):
         inputs, targets, mask = training_batch(int(hp["batch"]), generator)
+        opt.zero_grad(set_to_none=True)
         logits = model(inputs)
         loss = F.cross_entropy(logits[mask], targets[mask])
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if step == 0:
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
             if missing:
                 raise RuntimeError(f"no gradient reaches {missing}")
+        if step < hp["mlp_start"]:
+            for p in mlp_params:
+                p.grad = None                                   # AdamW skips them: frozen at zero output
         opt.step()
         sched.step()
         if step % 250 == 0 or step == total - 1:
@@ -141,6 +158,11 @@ def analyse(name: str, model) -> dict:
             "canonical_circuit": task.circuit_metric(weights, pairs, canonical, metric),
             "empty_circuit": task.circuit_metric(weights, pairs, set(), metric),
         }
+        if not weights.attn_only:                               # do the MLPs add anything?
+            graph = CircuitGraph(weights.n_layers, weights.n_heads)
+            mlp_edges = {e.name for e in graph.edges if "mlp" in (e.src.kind, e.dest.kind)}
+            check[metric.name]["canonical_plus_mlp_edges"] = task.circuit_metric(
+                weights, pairs, canonical | mlp_edges, metric)
     return {
         "scores": {k: [[round(s, 4) for s in row] for row in v] for k, v in scores.items()},
         "heads": heads,
@@ -153,7 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(task.MODEL_CONFIGS), action="append",
                         help="train only this model (repeatable)")
-    for key, kind in (("steps", int), ("batch", int), ("lr", float), ("weight_decay", float)):
+    for key, kind in (("steps", int), ("batch", int), ("lr", float), ("weight_decay", float),
+                      ("mlp_start", int), ("init_seed", int)):
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None,
                             help=f"override the {key} of HYPERPARAMS")
     parser.add_argument("--out", type=Path, default=BUNDLED_DIR, help="where to write the files")
@@ -164,17 +187,18 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
 
     for name in args.only or sorted(task.MODEL_CONFIGS):
-        overrides = {k: v for k in ("steps", "batch", "lr", "weight_decay")
+        overrides = {k: v for k in ("steps", "batch", "lr", "weight_decay", "mlp_start", "init_seed")
                      if (v := getattr(args, k)) is not None}
         result = train(name, overrides)
         info = analyse(name, result["model"])
         build = {
             "script": "scripts/train_induction.py",
             "seeds": {"init": result["config"]["seed"], "data": DATA_SEED, "scores": SCORE_SEED},
+            "score_prompts": SCORE_PROMPTS,
             "hyperparameters": result["hp"],
             "segment_lengths": list(SEGMENT_LENS),
             "train_seconds": round(result["seconds"], 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.processor() or 'cpu'}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread",
             "versions": {"torch": torch.__version__, "transformer_lens": version("transformer-lens")},
             "history": result["history"],
             "head_scores": info["scores"],

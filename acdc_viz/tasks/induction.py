@@ -5,12 +5,11 @@ two layers: a *previous-token head* in layer 0 writes, at every position ``j``, 
 ``j - 1``; an *induction head* in layer 1 reads that through its key, so that the query token
 ``A`` matches the position right after the earlier ``A``, and copies that position's token
 (``B``) through its value into the output. ACDC's paper ran this task on redwood's
-attn-only-2l; here the models are ours, trained by ``scripts/train_induction.py`` in a few
-minutes on a CPU (see ``docs/induction.md``), so everything works offline:
+attn-only-2l; here the models are ours, trained by ``scripts/train_induction.py`` in about
+1.5 minutes on a 2-core CPU (see ``docs/induction.md``), so everything works offline:
 
-- ``induction``: attention-only, 2 layers, 8 heads, no LayerNorm (257 edges, the size of the
-  paper's induction graph);
-- ``induction-gpt2``: GPT-2 architecture (LayerNorm and MLPs), 2 layers, 4 heads.
+- ``induction``: attention-only, 2 layers of 4 heads, no LayerNorm (81 edges);
+- ``induction-gpt2``: GPT-2 architecture (LayerNorm and MLPs), 2 layers of 4 heads (110 edges).
 
 A prompt is ``BOS, A_0 .. A_{L-1}, A_0 .. A_{L-2}``: L distinct random tokens, then the same
 segment again without its last token, so the last position must predict ``A_{L-1}`` and every
@@ -44,22 +43,23 @@ N_CTX = 24
 SEGMENT_LEN = 8
 """Length L of the random segment in the task's prompts, which are ``2 * L`` tokens long."""
 SEQ_LEN = 2 * SEGMENT_LEN
+DEFAULT_PROMPTS = 20
 PREV_THRESHOLD = 0.4
 """A layer-0 head whose previous-token score exceeds this is a previous-token head."""
 INDUCTION_THRESHOLD = 0.4
 """A layer-1 head whose induction score exceeds this is an induction head."""
 
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "induction-attn-only-2l": dict(
-        d_model=64, d_head=8, n_heads=8, n_layers=2, n_ctx=N_CTX, d_vocab=D_VOCAB,
-        attn_only=True, normalization_type=None, act_fn="gelu", seed=0,
-        model_name="induction-attn-only-2l",
-    ),
-    "induction-gpt2-2l": dict(
-        d_model=64, d_head=16, n_heads=4, n_layers=2, n_ctx=N_CTX, d_vocab=D_VOCAB, d_mlp=256,
-        attn_only=False, normalization_type="LN", act_fn="gelu", seed=0,
-        model_name="induction-gpt2-2l",
-    ),
+    "induction-attn-only-2l": {
+        "d_model": 64, "d_head": 16, "n_heads": 4, "n_layers": 2, "n_ctx": N_CTX, "d_vocab": D_VOCAB,
+        "attn_only": True, "normalization_type": None, "act_fn": "gelu", "seed": 0,
+        "model_name": "induction-attn-only-2l",
+    },
+    "induction-gpt2-2l": {
+        "d_model": 64, "d_head": 16, "n_heads": 4, "n_layers": 2, "n_ctx": N_CTX, "d_vocab": D_VOCAB, "d_mlp": 256,
+        "attn_only": False, "normalization_type": "LN", "act_fn": "gelu", "seed": 0,
+        "model_name": "induction-gpt2-2l",
+    },
 }
 """``TransformerBridgeConfig`` keyword arguments of the two bundled models."""
 
@@ -175,13 +175,14 @@ def kl_metric(pairs: TokenPairs) -> Metric:
 
 
 def head_scores(model: Any, tokens: torch.Tensor) -> dict[str, list[list[float]]]:
-    """Previous-token and induction scores of every head, from ``hook_pattern``.
+    """Previous-token, induction and current-token scores of every head, from ``hook_pattern``.
 
     ``tokens`` are repeated prompts ``BOS, A, A[:-1]`` (``repeated_tokens``). The previous-token
     score is the mean attention from position ``p`` to ``p - 1`` over ``p >= 1``; the induction
     score is the mean attention from ``p`` in the repeated half (``repeated_positions``) to
-    ``p - L + 1``, the token after the earlier occurrence of the current one. Both are
-    ``[layer][head]`` lists.
+    ``p - L + 1``, the token after the earlier occurrence of the current one; the current-token
+    score (recorded, not used for the circuit) is the mean attention from ``p >= 1`` to itself.
+    Each is a ``[layer][head]`` list.
     """
     seq_len = tokens.shape[1]
     segment_len = _segment_len(seq_len)
@@ -190,12 +191,13 @@ def head_scores(model: Any, tokens: torch.Tensor) -> dict[str, list[list[float]]
         _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n.endswith("hook_pattern"))
     prev_rows = torch.arange(1, seq_len)
     ind_rows = torch.tensor(list(repeated_positions(seq_len)))
-    prev, ind = [], []
+    prev, ind, cur = [], [], []
     for layer in range(model.cfg.n_layers):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # (batch, head, q, k)
         prev.append(pattern[:, :, prev_rows, prev_rows - 1].mean((0, 2)).tolist())
         ind.append(pattern[:, :, ind_rows, ind_rows - segment_len + 1].mean((0, 2)).tolist())
-    return {"previous_token": prev, "induction": ind}
+        cur.append(pattern[:, :, prev_rows, prev_rows].mean((0, 2)).tolist())
+    return {"previous_token": prev, "induction": ind, "current_token": cur}
 
 
 def identify_heads(scores: dict[str, list[list[float]]]) -> dict[str, list[str]]:
@@ -297,13 +299,17 @@ def _check_model(model_name: str, model: Any) -> None:
         )
 
 
+def _load(model_name: str, device: str = "cpu") -> Any:
+    return load_bundled(model_name, device=device)
+
+
 def _task(name: str, model_name: str, description: str, default_tau: float) -> Task:
     return Task(
         name=name,
         description=description,
         bundled=True,
         model_name=model_name,
-        load_model=lambda device="cpu": load_bundled(model_name, device=device),
+        load_model=partial(_load, model_name),
         make_pairs=make_pairs,
         default_prompts=DEFAULT_PROMPTS,
         metrics={"kl_repeated": kl_metric, "nll_repeated": nll_metric},
@@ -316,17 +322,16 @@ def _task(name: str, model_name: str, description: str, default_tau: float) -> T
     )
 
 
-DEFAULT_PROMPTS = 20
-
 TASKS: list[Task] = [
     _task("induction", "induction-attn-only-2l",
-          "induction on a bundled 2-layer attention-only model (8 heads), offline", 0.02),
+          "induction on a bundled 2-layer attention-only model (4 heads), offline", 0.1),
     _task("induction-gpt2", "induction-gpt2-2l",
           "induction on a bundled 2-layer GPT-2-architecture model (LayerNorm, MLPs, 4 heads), offline",
-          0.02),
+          0.1),
 ]
 
 __all__: list[str] = [
-    "TASKS", "canonical_edges", "circuit_edges", "circuit_metric", "head_scores", "identify_heads",
-    "kl_metric", "make_pairs", "nll_metric", "recorded_heads", "repeated_tokens", "token_labels",
+    "MODEL_CONFIGS", "TASKS", "canonical_edges", "circuit_edges", "circuit_metric",
+    "distinct_prompt_count", "head_scores", "identify_heads", "kl_metric", "make_pairs",
+    "nll_metric", "recorded_heads", "repeated_positions", "repeated_tokens", "token_labels",
 ]
