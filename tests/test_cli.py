@@ -21,20 +21,43 @@ def home(tmp_path, monkeypatch):
 
 def test_default_run_writes_a_complete_trace(tmp_path, capsys):
     out = tmp_path / "t.json"
-    assert main(["run", "--tau", "1e-5", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", "--out", str(out), "--quiet"]) == 0      # the bundled induction task
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "edges tested 110" in line and "edges kept" in line and "final metric" in line and " s;" in line
+    assert "edges tested 81" in line and "edges kept" in line and "final metric" in line and " s;" in line
     trace = load_trace(out)
-    assert trace.is_complete and trace.settings["model"]["name"] == "tiny-gpt2"
+    assert trace.is_complete and trace.settings["model"]["name"] == "induction"
+    assert trace.tokens[0] == "BOS"
+
+
+def test_built_in_random_model(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["run", "--model", "tiny-gpt2", "--tau", "1e-5", "--out", str(out), "--quiet"]) == 0
+    assert "edges tested 110" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["induction-gpt2", "tracr-reverse", "tracr-proportion"])
+def test_every_bundled_task_runs_offline(task, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["run", "--task", task, "--out", str(out), "--quiet"]) == 0
+    assert load_trace(out).is_complete
+
+
+def test_tasks_and_roc(capsys):
+    assert main(["tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert "tracr-reverse" in listing and "bundled" in listing and "32491" in listing
+    assert main(["roc", "--task", "tracr-proportion", "--taus", "1e-4,1e-2,1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["edge_auc"] == 1.0 and len(result["points"]) == 3
 
 
 def test_stop_and_resume_from_the_cli(tmp_path):
     out = tmp_path / "t.json"
-    main(["run", "--tau", "1e-5", "--out", str(out), "--quiet", "--max-steps", "7"])
+    main(["run", "--out", str(out), "--quiet", "--max-steps", "7"])
     assert load_trace(out).resume_from == 7
-    main(["run", "--tau", "1e-5", "--out", str(out), "--quiet", "--resume", str(out)])
+    main(["run", "--out", str(out), "--quiet", "--resume", str(out)])
     full = tmp_path / "full.json"
-    main(["run", "--tau", "1e-5", "--out", str(full), "--quiet"])
+    main(["run", "--out", str(full), "--quiet"])
     assert load_trace(out).canonical_json() == load_trace(full).canonical_json()
 
 
@@ -57,12 +80,16 @@ def error_of(capsys, argv):
 def test_errors_are_clear_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "t.json"
     assert "tau must be" in error_of(capsys, ["run", "--tau", "nan", "--out", str(out)])
+    assert "unknown task" in error_of(capsys, ["run", "--task", "nope", "--out", str(out)])
+    assert "--task brings" in error_of(capsys, ["run", "--task", "induction", "--data", "x.json"])
     ragged = tmp_path / "ragged.json"
     ragged.write_text(json.dumps({"clean": [[1, 2, 3], [1, 2]], "corrupt": [[1, 2, 3], [1, 2]]}))
-    assert "length" in error_of(capsys, ["run", "--data", str(ragged), "--positions", "--out", str(out)])
+    assert "length" in error_of(capsys, ["run", "--model", "tiny-gpt2", "--data", str(ragged), "--positions",
+                                         "--out", str(out)])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00not safetensors")
-    assert "garbage.safetensors" in error_of(capsys, ["run", "--data", str(garbage), "--out", str(out)])
+    assert "garbage.safetensors" in error_of(capsys, ["run", "--model", "tiny-gpt2", "--data", str(garbage),
+                                                      "--out", str(out)])
     truncated = tmp_path / "stopped.json"
     truncated.write_text('{"format_version": 1, "settings": {')
     assert "truncated" in error_of(capsys, ["run", "--resume", str(truncated), "--out", str(out)])
