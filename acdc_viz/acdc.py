@@ -184,7 +184,7 @@ class Acdc:
                 "model": {"name": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or "model",
                           "config_hash": cfg_hash, "n_layers": weights.n_layers,
                           "n_heads": weights.n_heads, "d_model": int(weights.W_E.shape[1]),
-                          "attn_only": weights.attn_only},
+                          "attn_only": weights.attn_only, "causal": weights.causal},
                 "tau": self.tau, "metric": self.metric.name, "ablation": ablation,
                 "positions": bool(positions), "abs_delta": self.abs_delta,
                 "device": str(self.device), "dtype": self.settings.dtype,

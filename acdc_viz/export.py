@@ -69,15 +69,19 @@ def render_file(
     return export_figure(build_figure(trace, step, layout=layout), out)
 
 
-def export_figure(fig: go.Figure, out_path: str | os.PathLike[str]) -> Path:
-    """Write a figure (``go.Figure`` or ``go.FigureWidget``) as ``.html``, ``.png`` or ``.svg``."""
+def export_figure(fig: go.Figure, out_path: str | os.PathLike[str], *,
+                  scale: float = IMAGE_SCALE) -> Path:
+    """Write a figure (``go.Figure`` or ``go.FigureWidget``) as ``.html``, ``.png`` or ``.svg``.
+
+    ``scale`` is the PNG's pixels per CSS pixel.
+    """
     out = Path(out_path)
     suffix = _suffix(out, FORMATS[:3])
     if suffix == ".html":
         fig.write_html(out, include_plotlyjs=True, full_html=True,
                        config={"displaylogo": False, "scrollZoom": True})
         return out
-    write_image(fig, out)
+    write_image(fig, out, scale=scale)
     return out
 
 
@@ -103,7 +107,8 @@ def find_browser() -> str | None:
     return None
 
 
-def write_image(fig: go.Figure, out_path: str | os.PathLike[str]) -> Path:
+def write_image(fig: go.Figure, out_path: str | os.PathLike[str], *,
+                scale: float = IMAGE_SCALE) -> Path:
     """PNG or SVG through kaleido; ``ExportError`` saying how to fix a missing tool."""
     out = Path(out_path)
     suffix = _suffix(out, (".png", ".svg"))
@@ -127,7 +132,7 @@ def write_image(fig: go.Figure, out_path: str | os.PathLike[str]) -> Path:
         )
     with _browser_path(browser):
         try:
-            fig.write_image(out, format=suffix[1:], scale=IMAGE_SCALE if suffix == ".png" else 1)
+            fig.write_image(out, format=suffix[1:], scale=scale if suffix == ".png" else 1)
         except Exception as e:  # kaleido reports a failed browser start with many types
             raise ExportError(
                 f"cannot write {out.name}: kaleido failed with the browser {browser} ({e}). "

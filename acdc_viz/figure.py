@@ -78,7 +78,7 @@ the node key (``A1.2@5``) in ``customdata``: what a click handler passes to ``pa
 _LABELS = {
     "removed": "removed", "untested": "not yet tested", "under-test": "under test",
     "paths": "selected paths", "hover": "edges and ports", "nodes": "nodes",
-    **{f"kept{s}{c}": f"kept, Δ {'>' if s == '+' else '<'} 0"
+    **{f"kept{s}{c}": f"kept, Δ {'>' if s == '+' else '<'} 0 (width: |Δ|)"
        for s in "+-" for c in ("small", "medium", "large")},
 }
 
@@ -161,8 +161,14 @@ def paths_through(trace: Trace, step: int | None, node_key: str) -> set[str]:
     """The kept edges on the node's paths to ``Out`` and from ``Embed``, after ``step``.
 
     An edge counts if it lies on some path of kept edges from ``node_key`` to ``Out``, or from
-    ``Embed`` to ``node_key`` (at the node's position: no edge crosses positions). For ``Out``
-    that is the whole connected circuit. ``node_key`` is a ``Node.key`` (``A1.2``, ``A1.2@5``).
+    ``Embed`` to ``node_key``. For ``Out`` (or ``Embed``) that is the whole connected circuit.
+    ``node_key`` is a ``Node.key``: ``A1.2``, or ``A1.2@5`` with the position split.
+
+    With the position split, attention is the one way information moves between positions:
+    an edge into a head's key or value input at position p reaches that head's output at
+    every position that attends to p, which is p and later for a causal model (the default)
+    and every position when the trace's settings say ``"causal": false`` (at the top level
+    or in ``settings["model"]``).
     """
     geo = _geometry(graph_key(trace.graph), "seq")
     node = geo.node_index.get(node_key)
@@ -171,34 +177,83 @@ def paths_through(trace: Trace, step: int | None, node_key: str) -> set[str]:
                        f"{geo.node_keys[min(1, len(geo.node_keys) - 1)]!r} (see Node.key)")
     state = step_state(trace, step)
     kept = np.flatnonzero(state.kept)
-    src, dst = geo.src[kept], geo.dst[kept]
-    n_nodes = len(geo.node_keys)
-    out_nodes = [geo.node_index[k] for k in geo.node_keys if k.split("@")[0] == "Out"]
-    embed_nodes = [geo.node_index[k] for k in geo.node_keys if k.split("@")[0] == "Embed"]
+    links = _port_links(graph_key(trace.graph), _causal(trace))
+    n_vertices = links.n_vertices
+    # kept edges run from a source node to a destination vertex (a q/k/v port, or the node)
+    src, dst = geo.src[kept], links.edge_port[kept]
+    a = np.concatenate([src, links.link_from])
+    b = np.concatenate([dst, links.link_to])
 
-    def reach(starts: list[int], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        adj: list[list[int]] = [[] for _ in range(n_nodes)]
-        for u, v in zip(a.tolist(), b.tolist(), strict=True):
-            adj[u].append(v)
-        seen = np.zeros(n_nodes, dtype=bool)
+    def reach(starts: list[int], u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        order = np.argsort(u, kind="stable")
+        u, v = u[order], v[order]
+        bounds = np.searchsorted(u, np.arange(n_vertices + 1))
+        seen = np.zeros(n_vertices, dtype=bool)
         seen[starts] = True
         queue = deque(starts)
         while queue:
-            for v in adj[queue.popleft()]:
-                if not seen[v]:
-                    seen[v] = True
-                    queue.append(v)
+            x = queue.popleft()
+            for y in v[bounds[x]:bounds[x + 1]].tolist():
+                if not seen[y]:
+                    seen[y] = True
+                    queue.append(y)
         return seen
 
-    below = reach([node], dst, src)  # the node and everything with a kept path into it
-    above = reach([node], src, dst)  # the node and everything it reaches
-    to_out = reach(out_nodes, dst, src)
-    from_embed = reach(embed_nodes, src, dst)
-    downstream = above[src] & above[dst] & to_out[dst]
-    upstream = below[src] & below[dst] & from_embed[src]
-    chosen = kept[downstream | upstream]
+    out_nodes = [i for i, k in enumerate(geo.node_keys) if k.split("@")[0] == "Out"]
+    embed_nodes = [i for i, k in enumerate(geo.node_keys) if k.split("@")[0] == "Embed"]
+    from_node = reach([node], a, b)
+    to_node = reach([node], b, a)
+    to_out = reach(out_nodes, b, a)
+    from_embed = reach(embed_nodes, a, b)
+    on_path = (from_node[src] & to_out[dst]) | (from_embed[src] & to_node[dst])
     names = geo.edge_names
-    return {names[i] for i in chosen.tolist()}
+    return {names[i] for i in kept[on_path].tolist()}
+
+
+def _causal(trace: Trace) -> bool:
+    s = trace.settings
+    model = s.get("model") if isinstance(s.get("model"), dict) else {}
+    return not (s.get("causal") is False or model.get("causal") is False)  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class _PortLinks:
+    """The reachability graph's extra vertices (q/k/v ports) and fixed links out of them."""
+
+    n_vertices: int
+    edge_port: np.ndarray  # each edge's destination vertex
+    link_from: np.ndarray  # port vertex -> the head outputs it influences
+    link_to: np.ndarray
+
+
+@lru_cache(maxsize=8)
+def _port_links(key: GraphKey, causal: bool) -> _PortLinks:
+    n_layers, n_heads, attn_only, n_positions = key
+    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+    node_index = {n.key: i for i, n in enumerate(graph.nodes)}
+    ports: dict[str, int] = {}
+    link_from: list[int] = []
+    link_to: list[int] = []
+    positions = [None] if n_positions is None else list(range(n_positions))
+    for dest in graph.destinations:
+        if dest.kind not in ("q", "k", "v"):
+            continue
+        for p in positions:
+            vid = len(node_index) + len(ports)
+            ports[graph.node_key(dest.name, p)] = vid
+            if p is None or dest.kind == "q":
+                targets = [p]
+            else:
+                targets = [t for t in positions if t >= p or not causal]  # type: ignore[operator]
+            for t in targets:
+                link_from.append(vid)
+                link_to.append(node_index[graph.node_key(dest.node, t)])
+    edge_port = np.fromiter(
+        (ports.get(graph.node_key(e.dest.name, e.position),
+                   node_index.get(graph.node_key(e.dest.node, e.position), -1))
+         for e in graph.edges), dtype=np.int64, count=len(graph.edges))
+    return _PortLinks(len(node_index) + len(ports), edge_port,
+                      np.array(link_from, dtype=np.int64), np.array(link_to, dtype=np.int64))
 
 
 # -- geometry, cached per graph shape and layout -------------------------------------------
@@ -285,7 +340,7 @@ def _detour(start: np.ndarray, end: np.ndarray, lay: Layout, graph: CircuitGraph
     """
     px_x = lay.width_px / (lay.x_range[1] - lay.x_range[0])
     px_y = lay.height_px / (lay.y_range[1] - lay.y_range[0])
-    clearance = lay.node_px / 2 + 7.0
+    clearance = lay.node_px / 2 + 3.0
     cols = np.array([c[0] for c in lay.columns])
     col_w = cols[1] - cols[0] if len(cols) > 1 else 1.0
     col = np.clip(np.rint((start[:, 0] - cols[0]) / col_w).astype(int), 0, len(cols) - 1)
@@ -365,8 +420,8 @@ def build_figure(
                 "xanchor": "left", "x": 0.0, "font_size": 11, "itemsizing": "constant",
                 "groupclick": "togglegroup", "itemwidth": 40},
         title={"font_size": 15, "x": 0.01, "xanchor": "left", "y": 1.0, "yanchor": "top",
-               "yref": "container", "pad": {"t": 12}},
-        margin={"l": 70, "r": 20, "t": 70, "b": 80},
+               "yref": "container", "pad": {"t": 18}},
+        margin={"l": 70, "r": 20, "t": 100, "b": 80},
         font={"family": "Arial, Helvetica, sans-serif", "size": 12},
         dragmode="pan",
     )
@@ -471,7 +526,12 @@ def _trace_data(trace: Trace, geo: _Geometry, state: StepState, show_removed: bo
     dim = paths is not None
     for g in _EDGE_TRACES:
         idx = np.flatnonzero(group == g) if (g != _REMOVED or show_removed) else np.empty(0, int)
-        base = 0.35 if g == _REMOVED else (0.85 if g in (_UNTESTED,) else 1.0)
+        if g in (_REMOVED, _UNTESTED):  # thousands of thin lines add up to a grey blob
+            per_column = len(idx) / len(geo.layout.columns)
+            full, floor = (0.35, 0.1) if g == _REMOVED else (0.85, 0.3)
+            base = max(full * min(1.0, math.sqrt(150 / max(per_column, 1.0))), floor)
+        else:
+            base = 1.0
         out[g] = {"x": geo.edge_x[idx].ravel(), "y": geo.edge_y[idx].ravel(),
                   "opacity": base * (0.3 if dim else 1.0)}
     for sign in "+-":  # one legend entry per sign: the first width class that has edges
@@ -543,11 +603,14 @@ def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] |
         text.append(f"{geo.node_static_hover[i]}{pos}<br>kept edges: {int(deg_in[i])} in, "
                     f"{int(deg_out[i])} out")
     size, labels = geo.layout.node_px, _node_labels(geo)
+    inside = geo.layout.name == "seq"
     return {
         "x": geo.node_x, "y": geo.node_y,
         "hovertext": text,
         "customdata": list(geo.node_keys),
         "text": labels,
+        "textposition": "middle center" if inside else "top right",
+        "textfont": {"color": "white" if inside else "#333333", "size": 9 if inside else 10},
         "marker": {"color": fill, "size": size, "opacity": opacity,
                    "symbol": [_NODE_SYMBOL[k] for k in kinds],
                    "line": {"color": line_color, "width": line_width}},
@@ -561,7 +624,7 @@ def _title(trace: Trace, state: StepState) -> str:
     tau_text = f" · tau {tau:.3g}" if isinstance(tau, (int, float)) else ""
     kept = int(state.kept.sum())
     metric = f"{s.get('metric', 'metric')} {trace.metric_after(state.step):.4g}"
-    head = (f"<b>{html.escape(str(model), quote=False)}</b>{tau_text} · step {state.step + 1} / "
+    head = (f"<b>{html.escape(str(model), quote=False)}</b>{tau_text}<br>step {state.step + 1} / "
             f"{trace.n_edges} · edges kept {kept} · {html.escape(metric, quote=False)}")
     if state.under_test is None:
         sub = "the full graph, before any test"
@@ -587,11 +650,17 @@ def _port_size(geo: _Geometry) -> float:
 
 
 def _node_labels(geo: _Geometry) -> list[str]:
-    """Head numbers inside the head markers, when the markers are big enough to hold them."""
-    if geo.layout.node_px < 13:
-        return [""] * len(geo.node_keys)
-    return [k.split("@")[0].split(".")[1] if kind == "head" else ""
-            for k, kind in zip(geo.node_keys, geo.node_kind, strict=True)]
+    """Labels that fit: head numbers inside the markers of the seq grid (its rows name the
+    layer), full names beside the nodes in the other layouts when there are few nodes."""
+    n = len(geo.node_keys)
+    if geo.layout.name == "seq":
+        if geo.layout.node_px < 13:
+            return [""] * n
+        return [k.split("@")[0].split(".")[1] if kind == "head" else ""
+                for k, kind in zip(geo.node_keys, geo.node_kind, strict=True)]
+    if n / len(geo.layout.columns) > 80 or geo.layout.node_px < 8:
+        return [""] * n
+    return [k.split("@")[0] for k in geo.node_keys]
 
 
 def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
@@ -611,7 +680,8 @@ def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
         height=int(lay.height_px + (margin.t or 0) + (margin.b or 0)),
         xaxis={"range": list(lay.x_range), "showgrid": False, "zeroline": False,
                "tickmode": "array", "ticks": "", "showline": False,
-               "tickvals": [c[0] for c in lay.columns], "ticktext": col_text,
+               "tickvals": [c[0] for c in lay.columns] if split or lay.rows else [],
+               "ticktext": col_text if split or lay.rows else [],
                "title": {"text": "token position" if split else None}},
         yaxis={"range": list(lay.y_range), "showgrid": bool(lay.rows), "gridcolor": "#F2F2F2",
                "zeroline": False, "tickmode": "array", "ticks": "", "showline": False,

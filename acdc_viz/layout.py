@@ -197,20 +197,29 @@ def _canvas(name: str, n_cols: int, n_heads: int, n_rows: int, spacing: float, c
 
 
 def _seq_cell(graph: CircuitGraph) -> tuple[dict[str, Point], float]:
-    """Coordinates of one column's nodes, by node name; the heads are centred on x = 0.
+    """Coordinates of one column's nodes, by node name, centred on x = 0.
 
-    ``Embed``, the MLPs and ``Out`` share one vertical line, and edges between them run
-    along it. With an odd number of heads that line would go through the middle head, so it
-    moves half a spacing right, into the gap between two heads.
+    The heads sit side by side; the MLPs get their own lane just right of the heads, and
+    ``Embed`` and ``Out`` sit in the middle of the heads, in a gap between two of them. This
+    keeps the edges that skip many rows straight: ``Embed->Out`` runs up the middle between
+    heads, and ``MLP{i}->MLP{j}`` up the MLP lane, instead of every one of them bending
+    around nodes stacked on one centre line.
     """
-    spacing = min(CELL_FILL / graph.n_heads, 0.4)
-    spine = 0.0 if graph.n_heads % 2 == 0 else spacing / 2
+    n_slots = graph.n_heads + (0 if graph.attn_only else 1)
+    spacing = min(CELL_FILL / n_slots, 0.4)
+    slot_x = [(i - (n_slots - 1) / 2) * spacing for i in range(n_slots)]
+    heads_centre = (slot_x[0] + slot_x[graph.n_heads - 1]) / 2
+    spine = heads_centre + (spacing / 2 if graph.n_heads % 2 else 0.0)
+    mlp_x = slot_x[-1]
     out: dict[str, Point] = {}
     for node in graph.nodes:
         if node.position not in (None, 0):
             continue
         y = float(row_of(node, graph.n_layers, graph.attn_only))
-        x = spine if node.head is None else (node.head - (graph.n_heads - 1) / 2) * spacing
+        if node.kind == "head":
+            x = slot_x[node.head]  # type: ignore[index]
+        else:
+            x = mlp_x if node.kind == "mlp" else spine
         out[node.name] = (x, y)
     return out, spacing
 
@@ -223,7 +232,9 @@ def _networkx_cell(n_layers: int, n_heads: int, attn_only: bool,
 
     graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only)
     g = graph.to_networkx()
-    simple = nx.Graph(g.to_undirected())  # the layouts want one undirected edge per pair
+    simple = nx.Graph()  # the layouts want one undirected edge per pair; keep the node order
+    simple.add_nodes_from(g.nodes(data=True))
+    simple.add_edges_from(g.to_undirected().edges())
     if name == "multipartite":
         # one row per layer: a block's heads and its MLP side by side, Embed and Out alone
         pos = nx.multipartite_layout(simple, subset_key="layer", align="horizontal")

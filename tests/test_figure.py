@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -179,7 +180,7 @@ def test_show_removed_false_hides_them_everywhere() -> None:
 
 
 def data_of(fig: go.Figure) -> list[dict[str, Any]]:
-    return fig.to_plotly_json()["data"]
+    return json.loads(fig.to_json())["data"]
 
 
 @pytest.mark.parametrize("widget", [False, True])
@@ -277,8 +278,10 @@ def test_sizes_render(shape: dict[str, Any]) -> None:
     assert len(by_uid(fig)["nodes"].x) == len(trace.graph.nodes)
     if shape.get("n_positions") == 50:
         assert len(fig.layout.xaxis.ticktext) == 50
-    json = fig.to_json()
-    assert "NaN" not in json  # gaps go to the browser as null or typed NaN, never a bare NaN
+    def no_bare_nan(name: str) -> None:
+        raise AssertionError(f"{name} in the figure's JSON")
+
+    json.loads(fig.to_json(), parse_constant=no_bare_nan)  # gaps travel as typed arrays
 
 
 # -- paths ---------------------------------------------------------------------------------
@@ -307,7 +310,10 @@ def test_paths_through_dead_end_and_positions() -> None:
     trace = fake_trace(1, 1, n_positions=2, remove={"A0.0->Out@0", "A0.0->MLP0@0"})
     assert paths_through(trace, None, "A0.0@0") == {"Embed->A0.0.q@0", "Embed->A0.0.k@0",
                                                     "Embed->A0.0.v@0"}
-    assert all(e.endswith("@1") for e in paths_through(trace, None, "A0.0@1"))
+    at1 = paths_through(trace, None, "A0.0@1")
+    # the head at position 1 reads keys and values at 0 and 1, queries at 1 only
+    assert {"Embed->A0.0.k@0", "Embed->A0.0.v@0"} <= at1 and "Embed->A0.0.q@0" not in at1
+    assert {e for e in at1 if e.endswith("@0")} == {"Embed->A0.0.k@0", "Embed->A0.0.v@0"}
     with pytest.raises(KeyError):
         paths_through(trace, None, "A0.0")  # positions need the @p key
 
@@ -332,3 +338,20 @@ def test_title_is_escaped_and_names_the_tested_edge() -> None:
     assert "<script>" not in title
     assert re.search(rf"step 2 tested {re.escape(trace.graph.edges[2].name.replace('>', '&gt;'))}",
                      title)
+
+
+def test_paths_cross_positions_through_keys_and_values() -> None:
+    """An edge into A1.0.k@0 matters for Out@1: the head at position 1 attends to position 0."""
+    graph = CircuitGraph(2, 1, attn_only=True, n_positions=2)
+    keep = {"A1.0->Out@1", "Embed->A1.0.k@0", "Embed->A1.0.q@1", "A0.0->A1.0.v@1"}
+    trace = fake_trace(2, 1, attn_only=True, n_positions=2,
+                       remove={e.name for e in graph.edges} - keep)
+    assert paths_through(trace, None, "Out@1") == keep - {"A0.0->A1.0.v@1"}  # A0.0 has no input
+    assert paths_through(trace, None, "A1.0@1") == keep - {"A0.0->A1.0.v@1"}
+    assert paths_through(trace, None, "A0.0@1") == {"A0.0->A1.0.v@1", "A1.0->Out@1"}
+    # a key at position 1 is invisible to position 0 in a causal model, not in a bidirectional one
+    trace2 = fake_trace(2, 1, attn_only=True, n_positions=2,
+                        remove={e.name for e in graph.edges} - {"A1.0->Out@0", "Embed->A1.0.k@1"})
+    assert paths_through(trace2, None, "Out@0") == set()
+    trace2.settings["causal"] = False
+    assert paths_through(trace2, None, "Out@0") == {"A1.0->Out@0", "Embed->A1.0.k@1"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_seq_columns_are_positions_and_heads_sit_side_by_side() -> None:
         for layer in range(2):
             xs = [lay.nodes[f"A{layer}.{h}@{p}"][0] for h in range(5)]
             assert xs == sorted(xs) and len(set(xs)) == 5  # left to right by head index
-            gaps = {round(b - a, 9) for a, b in zip(xs, xs[1:], strict=False)}
+            gaps = {round(b - a, 9) for a, b in itertools.pairwise(xs)}
             assert len(gaps) == 1 and gaps.pop() == pytest.approx(lay.spacing)
     # every column is the same picture, shifted
     for node in g.nodes:
@@ -79,14 +80,19 @@ def test_seq_without_positions_is_one_column() -> None:
     assert all("@" not in k for k in lay.nodes)
 
 
-def test_odd_head_count_keeps_spine_between_heads() -> None:
-    """Embed, MLPs and Out share a line; it must not run through the middle head."""
+@pytest.mark.parametrize("attn_only", [False, True])
+def test_long_edges_have_clear_lanes(attn_only: bool) -> None:
+    """Embed->Out runs up a line between heads; MLP->MLP up a lane right of the heads."""
     for n_heads in (1, 3, 4, 7):
-        lay = layout_of(CircuitGraph(2, n_heads))
+        g = CircuitGraph(3, n_heads, attn_only=attn_only)
+        lay = layout_of(g)
         spine = lay.nodes["Embed"][0]
-        assert {lay.nodes[k][0] for k in ("Embed", "MLP0", "MLP1", "Out")} == {spine}
-        heads = [lay.nodes[f"A0.{h}"][0] for h in range(n_heads)]
+        assert lay.nodes["Out"][0] == spine
+        heads = [lay.nodes[f"A{layer}.{h}"][0] for layer in range(3) for h in range(n_heads)]
         assert min(abs(x - spine) for x in heads) >= lay.spacing / 2 - 1e-9
+        if not attn_only:
+            lane = {lay.nodes[f"MLP{layer}"][0] for layer in range(3)}
+            assert len(lane) == 1 and lane.pop() >= max(heads) + lay.spacing - 1e-9
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
