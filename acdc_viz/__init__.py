@@ -17,6 +17,16 @@ from acdc_viz.trace import Step, Trace, TraceError, load_trace, save_trace
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The widget pulls in ipywidgets and plotly: load it only when asked for.
+    if name == "Explorer":
+        from acdc_viz.widget import Explorer
+
+        return Explorer
+    raise AttributeError(f"module 'acdc_viz' has no attribute {name!r}")
+
+
 __all__ = [
     "Acdc",
     "AcdcVizError",
@@ -26,6 +36,7 @@ __all__ = [
     "Destination",
     "Edge",
     "EdgeScores",
+    "Explorer",
     "Metric",
     "ModelLoadError",
     "ModelSupportError",

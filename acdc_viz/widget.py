@@ -33,7 +33,24 @@ REDRAW_SECONDS = 0.05
 """Steps that come faster than this are coalesced into one redraw; no backlog is queued."""
 
 BUTTONS = ("Run", "Pause", "Step", "Stop", "Reset")
+
+_CSS = """<style>
+.acdc-explorer .acdc-controls {
+  border: 1px solid var(--jp-border-color2, #e0e0e0); border-radius: 4px; padding: 2px 6px;
+  box-sizing: border-box;
+}
+.acdc-explorer .acdc-actions, .acdc-explorer .acdc-view {
+  border-top: 1px solid var(--jp-border-color3, #eeeeee); padding-top: 2px; margin-top: 2px;
+}
+.acdc-explorer .acdc-tau-text .widget-label { display: none; }
+.acdc-explorer .acdc-invalid input { border-color: #B00020; background: #FDECEE; }
+.acdc-explorer .acdc-status { margin-left: 4px; }
+.acdc-explorer .acdc-side { padding-left: 4px; }
+</style>"""
+"""Styles of the Explorer's parts, scoped by its CSS classes (a hidden HTML widget carries them)."""
 _NODES = TRACE_IDS.index("nodes")
+HISTORY_WIDTH = 224
+"""Pixels: narrow enough to sit beside a one-column seq-graph in JupyterLab at 1280 px."""
 
 
 @dataclass(frozen=True)
@@ -130,50 +147,68 @@ class Explorer:
                         device: str | None) -> None:
         style = {"description_width": "initial"}
         self.tau_slider = w.FloatLogSlider(value=tau, base=10, min=-6, max=0, step=0.05, description="tau",
-                                           readout=False, continuous_update=False,
-                                           layout=w.Layout(width="260px"))
-        self.tau_text = w.Text(value=f"{tau:g}", description="tau", style=style,
-                               layout=w.Layout(width="150px"), continuous_update=False)
+                                           readout=False, continuous_update=False, style=style,
+                                           layout=w.Layout(width="180px"))
+        # The exact value, shown as the slider's readout: its own "tau" label is hidden (CSS), and
+        # an invalid value is flagged by the box's colour and by the message line.
+        self.tau_text = w.Text(value=f"{tau:g}", description="tau", style={"description_width": "0px"},
+                               tooltip="tau: type an exact value, then Enter",
+                               layout=w.Layout(width="76px"), continuous_update=False)
+        self.tau_text.add_class("acdc-tau-text")
         self.metric = w.Dropdown(options=list(self._metrics), value=metric if metric in self._metrics else "kl",
-                                 description="metric", style=style, layout=w.Layout(width="170px"))
+                                 description="metric", style=style, layout=w.Layout(width="162px"))
         self.ablation = w.Dropdown(options=["resample", "zero", "mean"], value=ablation,
-                                   description="ablation", style=style, layout=w.Layout(width="180px"))
+                                   description="ablation", style=style, layout=w.Layout(width="150px"))
         self.positions = w.ToggleButton(value=positions, description="positions",
                                         tooltip="split every edge by token position",
-                                        layout=w.Layout(width="100px"))
+                                        layout=w.Layout(width="84px"))
         self.layout = w.Dropdown(options=list(LAYOUTS), value=layout, description="layout", style=style,
-                                 layout=w.Layout(width="190px"))
+                                 layout=w.Layout(width="170px"))
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         self.device = w.Dropdown(options=devices, value=device if device in devices else "cpu",
-                                 description="device", style=style, layout=w.Layout(width="140px"))
+                                 description="device", style=style, layout=w.Layout(width="108px"))
         self.show_removed = w.Checkbox(value=True, description="show removed", indent=False,
-                                       layout=w.Layout(width="130px"))
-        self.buttons = {name: w.Button(description=name, layout=w.Layout(width="72px"))
+                                       layout=w.Layout(width="120px"))
+        self.buttons = {name: w.Button(description=name, layout=w.Layout(width="60px"))
                         for name in BUTTONS}
         self.buttons["Run"].button_style = "primary"
-        self.status = w.HTML()
-        self.progress = w.IntProgress(min=0, max=1, layout=w.Layout(width="240px"))
-        self.eta = w.Label()
-        self.message = w.HTML()
+        self.status = w.HTML(layout=w.Layout(flex="0 1 auto"))
+        self.status.add_class("acdc-status")
+        self.progress = w.IntProgress(min=0, max=1, layout=w.Layout(flex="1 1 60px", max_width="300px",
+                                                                     min_width="60px"))
+        self.eta = w.Label(layout=w.Layout(width="auto", min_width="64px"))
+        self.message = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 0 0 12px"))
+        self.message.add_class("acdc-message")
         self.log = w.Output(layout=w.Layout(max_height="120px", overflow="auto"))
         self.replay = w.IntSlider(value=-1, min=-1, max=-1, description="replay step", style=style,
-                                  continuous_update=True, layout=w.Layout(width="420px"))
-        self.play = w.Play(value=-1, min=-1, max=-1, interval=150, description="Play")
+                                  continuous_update=True,
+                                  layout=w.Layout(flex="1 1 240px", max_width="520px", min_width="200px"))
+        self.play = w.Play(value=-1, min=-1, max=-1, interval=150, description="Play",
+                           layout=w.Layout(width="auto"))
         w.jslink((self.play, "value"), (self.replay, "value"))
-        self.exports = {ext: w.Button(description=label, layout=w.Layout(width="90px"))
+        self.exports = {ext: w.Button(description=label, tooltip=f"write the {label} to the export folder",
+                                      layout=w.Layout(width="auto", min_width="64px"))
                         for ext, label in ((".html", "HTML"), (".png", "PNG"), (".svg", "SVG"),
                                            (".json", "Trace JSON"))}
         self.history = go.FigureWidget()
         self.history.add_scatter(name="metric", mode="lines", line={"color": "#0072B2"})
         self.history.add_scatter(name="edges kept", mode="lines", yaxis="y2", line={"color": "#E69F00"})
         self.history.update_layout(
-            height=260, width=320, margin={"l": 50, "r": 50, "t": 30, "b": 40}, template="simple_white",
-            title={"text": "metric and edges kept", "font_size": 12}, xaxis_title="step",
-            yaxis={"title": "metric", "color": "#0072B2"},
-            yaxis2={"title": "edges kept", "overlaying": "y", "side": "right", "color": "#E69F00"},
-            showlegend=False,
+            height=250, width=HISTORY_WIDTH, margin={"l": 38, "r": 38, "t": 40, "b": 36},
+            template="simple_white", font={"size": 11}, showlegend=False,
+            title={"text": "<span style='color:#0072B2'>metric</span> and "
+                           "<span style='color:#E69F00'>edges kept</span>",
+                   "font_size": 12, "x": 0.5, "xanchor": "center", "y": 0.97, "yanchor": "top"},
+            xaxis={"title": {"text": "step", "standoff": 4}},
+            yaxis={"color": "#0072B2", "rangemode": "tozero"},
+            yaxis2={"overlaying": "y", "side": "right", "color": "#E69F00", "rangemode": "tozero",
+                    "tickmode": "auto", "nticks": 6, "tickformat": "d"},
         )
-        self.figure_box = w.Box(layout=w.Layout(flex="1 1 auto", min_width="0"))
+        # The seq-graph has the fixed size its layout was computed for: it is never squeezed or
+        # clipped. A figure wider than the notebook scrolls sideways in its own box (and nothing
+        # scrolls vertically: the notebook does that).
+        self.figure_box = w.Box(layout=w.Layout(flex="0 1 auto", max_width="100%", overflow="auto hidden"))
+        self.figure_box.add_class("acdc-figure")
 
         self.tau_slider.observe(self._on_tau_slider, "value")
         self.tau_text.observe(self._on_tau_text, "value")
@@ -190,16 +225,31 @@ class Explorer:
         for ext, button in self.exports.items():
             button.on_click(lambda _b, ext=ext: self.export(ext))
 
-        settings = w.HBox([self.tau_slider, self.tau_text, self.metric, self.ablation, self.positions,
-                           self.device], layout=w.Layout(flex_flow="row wrap"))
-        actions = w.HBox([*self.buttons.values(), self.progress, self.eta])
-        view = w.HBox([self.layout, self.show_removed, self.play, self.replay],
-                      layout=w.Layout(flex_flow="row wrap"))
-        side = w.VBox([self.history, w.HTML("<b>export</b>"), w.HBox(list(self.exports.values())[:2]),
-                       w.HBox(list(self.exports.values())[2:]), self.log],
-                      layout=w.Layout(width="330px"))
-        self.widget = w.VBox([settings, actions, self.status, self.message,
-                              w.HBox([self.figure_box, side]), view])
+        # Arrangement, top to bottom: the controls (1. what to run; 2. running it, and where it
+        # stands; 3. how to look at it: view options and replay); then the seq-graph with the
+        # metric-and-edges plot and the export buttons beside it, or below it when the notebook is
+        # too narrow for both (JupyterLab at 1280 px with its file browser open).
+        row = {"flex_flow": "row wrap", "align_items": "center", "width": "100%"}
+        settings = w.HBox([self.tau_slider, self.tau_text, self.metric, self.ablation, self.device,
+                           self.positions], layout=w.Layout(**row))
+        settings.add_class("acdc-settings")
+        actions = w.HBox([*self.buttons.values(), self.progress, self.eta], layout=w.Layout(**row))
+        actions.add_class("acdc-actions")
+        status = w.HBox([self.status, self.message], layout=w.Layout(**row))
+        view = w.HBox([self.layout, self.show_removed, self.play, self.replay], layout=w.Layout(**row))
+        view.add_class("acdc-view")
+        controls = w.VBox([settings, actions, status, view], layout=w.Layout(width="100%"))
+        controls.add_class("acdc-controls")
+        exports = list(self.exports.values())
+        side = w.VBox([self.history, w.HTML("<b>export</b>"), w.HBox(exports[:2]), w.HBox(exports[2:]),
+                       self.log],
+                      layout=w.Layout(flex=f"0 0 {HISTORY_WIDTH + 4}px", width=f"{HISTORY_WIDTH + 4}px"))
+        side.add_class("acdc-side")
+        body = w.HBox([self.figure_box, side], layout=w.Layout(flex_flow="row wrap", align_items="flex-start",
+                                                               width="100%", margin="4px 0 0 0"))
+        css = w.HTML(_CSS, layout=w.Layout(display="none"))
+        self.widget = w.VBox([css, controls, body], layout=w.Layout(width="100%"))
+        self.widget.add_class("acdc-explorer")
 
     # ----- settings and the run cache ------------------------------------------------------------
 
@@ -264,6 +314,7 @@ class Explorer:
         self._new_figure()
         self._show_message(f"tau = {key.tau:g}{cached}")
         self._redraw()
+        self._sync_buttons()   # a fresh run (Reset, a new tau) can be run and stepped again
 
     def _new_figure(self) -> None:
         assert self.acdc is not None

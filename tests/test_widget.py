@@ -148,3 +148,24 @@ def test_export_buttons_write_files(explorer):
     assert len(html_files) == 1 and "plotly" in html_files[0].read_text()[:200000].lower()
     explorer.exports[".json"].click()
     assert list(explorer.export_dir.glob("*.json"))
+
+
+def test_after_a_complete_run_reset_and_new_tau_enable_the_buttons(explorer):
+    explorer.run()
+    explorer.wait()
+    assert explorer.buttons["Step"].disabled
+    explorer.tau_text.value = "0.05"
+    assert not explorer.buttons["Step"].disabled and not explorer.buttons["Run"].disabled
+    explorer.tau_text.value = "0.001"                 # the cached complete run
+    assert explorer.buttons["Step"].disabled
+    click(explorer, "Reset")
+    assert not explorer.buttons["Step"].disabled and not explorer.buttons["Run"].disabled
+
+
+def test_explorer_on_a_bundled_task_by_name(tmp_path):
+    from acdc_viz import Explorer as LazyExplorer
+
+    ex = LazyExplorer("induction", export_dir=tmp_path)
+    ex.run()
+    ex.wait()
+    assert ex.acdc.done and ex.trace.tokens[0] == "BOS"
