@@ -201,25 +201,29 @@ class CircuitRunner:
         ``pos`` (all, or the last one when nothing above reads the others).
         """
         w, lw = self.w, self.w.layers[layer]
-        normed = lw.ln1(resid)
-        q, k, v = (torch.einsum("bpd,hde->bhpe", x, W) + b[None, :, None, :] for x, W, b in
-                   ((normed[:, pos], lw.W_Q, lw.b_Q), (normed, lw.W_K, lw.b_K), (normed, lw.W_V, lw.b_V)))
         group = self.groups[(layer, "qkv")]
         corr = self._correction(group, self._head0[layer], s0)
-        if corr is not None:
-            fixed = lw.ln1(resid.unsqueeze(0) + corr)             # (rows, batch, pos, d_model)
-            base = group.rows[0]
-            for letter, (target, W, b) in enumerate(
-                ((q, lw.W_Q, lw.b_Q), (k, lw.W_K, lw.b_K), (v, lw.W_V, lw.b_V))
-            ):
-                sel = [i for i, r in enumerate(group.active) if (r - base) // self.n_heads == letter]
-                if not sel:
-                    continue
-                heads = [group.active[i] - base - letter * self.n_heads for i in sel]
-                x = fixed[sel] if len(sel) < len(group.active) else fixed
-                if letter == 0:
-                    x = x[:, :, pos]
-                target[:, heads] = torch.einsum("rbpd,rde->brpe", x, W[heads]) + b[heads][None, :, None, :]
+        base, n_heads = group.rows[0], self.n_heads
+        normed = None
+        qkv = []
+        for letter, (W, b) in enumerate(((lw.W_Q, lw.b_Q), (lw.W_K, lw.b_K), (lw.W_V, lw.b_V))):
+            sel = [i for i, r in enumerate(group.active) if (r - base) // n_heads == letter] if corr is not None else []
+            heads = [group.active[i] - base - letter * n_heads for i in sel]
+            p = pos if letter == 0 else _ALL
+            if len(heads) < n_heads:                  # some heads read the plain stream
+                if normed is None:
+                    normed = lw.ln1(resid)
+                out = torch.einsum("bpd,hde->bhpe", normed[:, p], W) + b[None, :, None, :]
+            if heads:                                 # each corrected head reads its own input
+                assert corr is not None
+                x = lw.ln1(resid[:, p].unsqueeze(0) + corr[:, :, p][sel])
+                fixed = torch.einsum("rbpd,rde->brpe", x, W[heads]) + b[heads][None, :, None, :]
+                if len(heads) == n_heads:             # heads are ascending: group.active is sorted
+                    out = fixed
+                else:
+                    out[:, heads] = fixed
+            qkv.append(out)
+        q, k, v = qkv
         causal = w.causal and pos is _ALL     # a last-position query may see every key
         z = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0 / lw.attn_scale)
         heads_out = torch.einsum("bhpe,hed->hbpd", z, lw.W_O)    # (heads, batch, pos, d_model)
