@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 REDRAW_SECONDS = 0.05
 """Steps that come faster than this are coalesced into one redraw; no backlog is queued."""
+REDRAW_SHARE_FACTOR = 8.0
+"""A redraw that took t seconds waits at least this many t before the next (drawing <= ~1/9)."""
 
 BUTTONS = ("Run", "Pause", "Step", "Stop", "Reset")
 
@@ -381,20 +383,27 @@ class Explorer:
             self._thread.join(timeout)
 
     def _work(self, acdc: Acdc, max_steps: int | None) -> None:
-        done = 0
-        last = 0.0
+        done, last, gap = 0, 0.0, REDRAW_SECONDS
+        # A second OpenMP team (this thread's) next to the kernel thread's made CPU runs about 4x
+        # slower here (benchmarks/bench_widget.py); one intra-op thread avoids that.
+        threads = torch.get_num_threads()
+        if acdc.device.type == "cpu":
+            torch.set_num_threads(1)
         try:
             for _ in acdc.steps():
                 done += 1
                 now = time.perf_counter()
-                if now - last >= REDRAW_SECONDS:
+                if now - last >= gap:
                     self._redraw(follow=True)
                     last = time.perf_counter()
+                    # big figures redraw less often, so that drawing stays a small share of the run
+                    gap = max(REDRAW_SECONDS, REDRAW_SHARE_FACTOR * (last - now))
                 if self._pause.is_set() or self._stop.is_set() or (max_steps and done >= max_steps):
                     break
         except Exception as exc:  # noqa: BLE001 - shown in the widget; the trace so far survives
             self._show_error(exc)
         finally:
+            torch.set_num_threads(threads)
             self._thread = None
             self._redraw(follow=True)
             self._sync_buttons()
