@@ -50,8 +50,8 @@ __all__ = [
     "acdc_prune_scores",
     "load_model",
     "load_token_pairs",
+    "load_trace",
     "run_acdc",
     "save_token_pairs",
     "save_trace",
-    "load_trace",
 ]

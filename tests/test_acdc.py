@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import token_pairs
 
 from acdc_viz import (
     Acdc,
@@ -19,7 +20,6 @@ from acdc_viz import (
     load_trace,
     save_trace,
 )
-from conftest import token_pairs
 
 
 def pairs_for(model, **kw):
@@ -149,7 +149,7 @@ def test_model_without_what_the_engine_needs():
         Acdc(torch.nn.Linear(3, 3), token_pairs(), tau=1e-3)
 
     class Rotary(torch.nn.Module):
-        class cfg:  # noqa: N801 - mimics model.cfg
+        class cfg:
             n_layers, n_heads, d_vocab, d_head, n_ctx = 1, 1, 50, 4, 8
             positional_embedding_type = "rotary"
             normalization_type = "RMS"

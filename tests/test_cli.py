@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import token_pairs
 
 from acdc_viz.cli import main
 from acdc_viz.data import TokenPairs, save_token_pairs
 from acdc_viz.models.loading import build_tiny_gpt2
 from acdc_viz.trace import load_trace
-from conftest import token_pairs
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import token_pairs
 
 from acdc_viz import Acdc, TokenPairs
-from conftest import token_pairs
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(HookedTransformer is None, reason="needs Transfo
 
 
 def hooked(**kw):
-    settings = dict(n_layers=2, d_model=24, d_head=8, n_heads=3, d_mlp=48, d_vocab=50, n_ctx=16,
-                    act_fn="gelu_new", normalization_type="LN", seed=0)
+    settings = {"n_layers": 2, "d_model": 24, "d_head": 8, "n_heads": 3, "d_mlp": 48, "d_vocab": 50,
+                "n_ctx": 16, "act_fn": "gelu_new", "normalization_type": "LN", "seed": 0}
     cfg = HookedTransformerConfig(**{**settings, **kw})
     model = HookedTransformer(cfg)
     with torch.no_grad():              # random biases, so that no term is trivially zero

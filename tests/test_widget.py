@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import token_pairs
 
 from acdc_viz.widget import BUTTONS, Explorer
-from conftest import token_pairs
 
 
 @pytest.fixture()
