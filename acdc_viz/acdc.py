@@ -15,7 +15,6 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,19 +90,6 @@ def data_hash(pairs: TokenPairs) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class AcdcSettings:
-    """What a run depends on, besides the model and the data."""
-
-    tau: float
-    metric: str
-    ablation: str
-    positions: bool
-    abs_delta: bool
-    device: str
-    dtype: str
-
-
 class Acdc:
     """One ACDC run over a model and a batch of prompt pairs.
 
@@ -169,8 +155,7 @@ class Acdc:
             weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
             n_positions=pairs.seq_len if positions else None,
         )
-        self.settings = AcdcSettings(self.tau, self.metric.name, ablation, bool(positions),
-                                     self.abs_delta, str(self.device), str(self.dtype).removeprefix("torch."))
+        self.ablation = ablation
         self.test_mode = test_mode
         if test_mode and self.model is None:
             raise SettingsError("test_mode needs the TransformerLens model itself, not TransformerWeights")
@@ -187,7 +172,7 @@ class Acdc:
                           "attn_only": weights.attn_only, "causal": weights.causal},
                 "tau": self.tau, "metric": self.metric.name, "ablation": ablation,
                 "positions": bool(positions), "abs_delta": self.abs_delta,
-                "device": str(self.device), "dtype": self.settings.dtype,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "batch_size": pairs.batch_size, "seq_len": pairs.seq_len,
                 "data_hash": data_hash(pairs), "versions": _versions(),
             },
@@ -291,7 +276,7 @@ class Acdc:
 
         removed_edges = [self.graph.edge(s.edge) for s in self.trace.steps if s.removed] + [edge]
         logits = hooked_logits(self.model, self._clean, self._corrupt,
-                               removed_edges, self.settings.ablation,
+                               removed_edges, self.ablation,
                                last_position_only=self.metric.last_position_only)
         slow_after = self.metric(logits.to(self.dtype), self.runner.full_logits)
         tol = 1e-4 * max(1.0, abs(slow_after))

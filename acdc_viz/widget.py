@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ import ipywidgets as w
 import plotly.graph_objects as go
 import torch
 
-from acdc_viz.acdc import Acdc
+from acdc_viz.acdc import Acdc, check_tau
 from acdc_viz.data import TokenPairs
+from acdc_viz.errors import SettingsError
 from acdc_viz.figure import TRACE_IDS, build_figure, update_figure
 from acdc_viz.layout import LAYOUTS
 from acdc_viz.trace import Trace, save_trace
@@ -67,12 +67,12 @@ class RunKey:
 
 
 def parse_tau(text: str) -> float | None:
-    """A positive finite number, or None."""
+    """A positive tau that ``check_tau`` accepts, or None."""
     try:
-        value = float(text)
-    except (TypeError, ValueError):
+        value = check_tau(text)
+    except SettingsError:
         return None
-    return value if math.isfinite(value) and value > 0 else None
+    return value if value > 0 else None
 
 
 class Explorer:
