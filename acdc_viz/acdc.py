@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
+
+
+APPROXIMATE_DTYPES = (torch.bfloat16, torch.float16)
+MAX_HYPOTHESES = 64
+
+
+class ApproximateWarning(UserWarning):
+    """A run in bfloat16/float16: decisions whose delta sits near tau can differ from float32."""
 
 
 class DecisionMismatch(AcdcVizError, AssertionError):
@@ -105,7 +114,14 @@ class Acdc:
         positions: split every edge by token position.
         all_positions: the built-in metrics average over all positions instead of the last.
         abs_delta: remove when ``|delta| < tau`` instead of ``delta < tau``.
-        device, dtype: where and in what precision to run (float32 by default).
+        device, dtype: where and in what precision to run (float32 by default). bfloat16 and
+            float16 are approximate: decisions near tau can flip (``ApproximateWarning``; the
+            trace's settings say ``"approximate": true``).
+        batch_hypotheses: K, how many edges to test speculatively in one batched pass: the
+            hypotheses "circuit minus e1", "minus e1 and e2", ... are stacked along the batch and
+            walked in order until the first kept edge. The result is identical for every K.
+            ``None`` picks K from the device (free GPU memory; 1 on CPU). K halves after an
+            out-of-memory error instead of failing.
         test_mode: re-check every step through a full hooked forward pass of ``model``, and raise
             ``DecisionMismatch`` if it disagrees.
         resume: a stopped ``Trace`` of the same model, data and settings to continue.
@@ -130,6 +146,7 @@ class Acdc:
         resume: Trace | None = None,
         model_name: str | None = None,
         tokens: list[str] | None = None,
+        batch_hypotheses: int | None = None,
     ) -> None:
         self.tau = check_tau(tau)
         if ablation not in ABLATIONS:
@@ -138,6 +155,14 @@ class Acdc:
         self.abs_delta = bool(abs_delta)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        if batch_hypotheses is not None and (isinstance(batch_hypotheses, bool)
+                                             or not isinstance(batch_hypotheses, int) or batch_hypotheses < 1):
+            raise SettingsError(f"batch_hypotheses must be a whole number >= 1 or None, got {batch_hypotheses!r}")
+        if self.dtype in APPROXIMATE_DTYPES:
+            warnings.warn(
+                f"ACDC in {self.dtype} is approximate: an edge whose delta is within rounding of tau "
+                "can be decided differently than in float32 (see benchmarks/bench_engine.py --flips).",
+                ApproximateWarning, stacklevel=2)
         pairs = pairs if isinstance(pairs, TokenPairs) else TokenPairs.from_batch(pairs)
         self.pairs = pairs
         self.model = None if isinstance(model, TransformerWeights) else model
@@ -159,10 +184,12 @@ class Acdc:
         self.test_mode = test_mode
         if test_mode and self.model is None:
             raise SettingsError("test_mode needs the TransformerLens model itself, not TransformerWeights")
-        clean, corrupt = pairs.clean.to(self.device), pairs.corrupt.to(self.device)
+        clean, corrupt = (t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
+                          else t.to(self.device) for t in (pairs.clean, pairs.corrupt))
         self._clean, self._corrupt = clean, corrupt
         self.runner = CircuitRunner(self.weights, self.graph, clean, corrupt, ablation,  # type: ignore[arg-type]
                                     last_position_only=self.metric.last_position_only)
+        self.batch_hypotheses = batch_hypotheses or self._auto_hypotheses()
         initial = self.metric(self.runner.full_logits, self.runner.full_logits)
         self.trace = Trace(
             settings={
@@ -173,6 +200,7 @@ class Acdc:
                 "tau": self.tau, "metric": self.metric.name, "ablation": ablation,
                 "positions": bool(positions), "abs_delta": self.abs_delta,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "approximate": self.dtype in APPROXIMATE_DTYPES,
                 "batch_size": pairs.batch_size, "seq_len": pairs.seq_len,
                 "data_hash": data_hash(pairs), "versions": _versions(),
             },
@@ -219,48 +247,79 @@ class Acdc:
     def done(self) -> bool:
         return self.trace.is_complete
 
-    def _metric_without(self, edge: Edge) -> float:
-        self.runner.set_removed(edge, True)
-        try:
-            logits = self.runner.logits_for(edge)
-            return self.metric(logits, self.runner.full_logits)
-        finally:
-            self.runner.set_removed(edge, False)
+    def _auto_hypotheses(self) -> int:
+        """K from the device: as many hypotheses as fit in half the free GPU memory; 1 on CPU,
+        where a pass costs in proportion to its batch and a discarded hypothesis is pure waste."""
+        if self.device.type != "cuda":
+            return 1
+        free, _ = torch.cuda.mem_get_info(self.device)
+        w, p = self.weights, self.pairs
+        d, elt = int(w.W_E.shape[1]), torch.finfo(self.dtype).bits // 8
+        per_position = d * (len(self.graph.sources) + 3 * w.n_heads + 8) + w.n_heads * p.seq_len
+        outputs = w.d_vocab * 3 * (1 if self.metric.last_position_only else p.seq_len)
+        per_hypothesis = elt * p.batch_size * (p.seq_len * per_position + outputs)
+        return max(1, min(MAX_HYPOTHESES, int(0.5 * free / per_hypothesis)))
+
+    def _chain_metrics(self, chain: tuple[Edge, ...]) -> list[float]:
+        """The metric of each hypothesis of the chain, with one device-to-host copy."""
+        logits = self.runner.chain_logits(chain)
+        return self.metric.many(logits, self.runner.full_logits).double().tolist()
+
+    def _evaluate(self, index: int) -> tuple[tuple[Edge, ...], list[float]]:
+        """Evaluate the chain of edges from ``index``; on out-of-memory, halve K and retry."""
+        while True:
+            chain = self.graph.edges[index: index + self.batch_hypotheses]
+            try:
+                return chain, self._chain_metrics(chain)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                if len(chain) > 1:
+                    self.batch_hypotheses = max(1, len(chain) // 2)
+                    log.warning("out of memory with %d hypotheses per pass; retrying with %d",
+                                len(chain), self.batch_hypotheses)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                raise RunOutOfMemory(
+                    f"out of memory while testing edge {index} ({chain[0].name}) on {self.device}: "
+                    f"{exc}. The {index} steps so far are kept (exception.trace; save it and resume). "
+                    f"Try a smaller batch than {self.pairs.batch_size} prompts, or a shorter prompt.",
+                    trace=self.trace,
+                ) from exc
 
     def _decide(self, delta: float) -> bool:
         return (abs(delta) if self.abs_delta else delta) < self.tau
 
     def steps(self) -> Iterator[Step]:
-        """Test the remaining edges one at a time, yielding a ``Step`` after each."""
+        """Test the remaining edges one at a time, yielding a ``Step`` after each.
+
+        Edges are evaluated in chains of ``batch_hypotheses`` (see the class), but the steps come
+        out one per edge, in the visit order, exactly as with K = 1. A chain's time is booked on
+        its first step.
+        """
         edges = self.graph.edges
         while len(self.trace.steps) < len(edges):
-            index = len(self.trace.steps)
-            edge = edges[index]
             start = time.perf_counter()
-            try:
-                after = self._metric_without(edge)
-            except (torch.OutOfMemoryError, MemoryError) as exc:
-                raise RunOutOfMemory(
-                    f"out of memory while testing edge {index} ({edge.name}) on {self.device}: {exc}. "
-                    f"The {index} steps so far are kept (exception.trace; save it and resume). Try a "
-                    f"smaller batch than {self.pairs.batch_size} prompts, or a shorter prompt.",
-                    trace=self.trace,
-                ) from exc
-            if not math.isfinite(after):
-                raise AcdcVizError(
-                    f"the metric is {after} without edge {edge.name}; check the metric and the "
-                    "model's dtype (float16 can overflow). The steps so far are kept in .trace."
-                )
-            removed = self._decide(after - self.current_metric)
-            if self.test_mode:
-                self._check(edge, after, removed)
-            if removed:
-                self.runner.set_removed(edge, True)
-                self.current_metric = after
-            step = self.trace.record(after, removed, time.perf_counter() - start)
-            if len(self.trace.steps) == len(edges):
-                self.trace.finish()
-            yield step
+            chain, afters = self._evaluate(len(self.trace.steps))
+            seconds = time.perf_counter() - start
+            for edge, after in zip(chain, afters):
+                if not math.isfinite(after):
+                    raise AcdcVizError(
+                        f"the metric is {after} without edge {edge.name}; check the metric and the "
+                        "model's dtype (float16 can overflow). The steps so far are kept in .trace."
+                    )
+                removed = self._decide(after - self.current_metric)
+                if self.test_mode:
+                    self._check(edge, after, removed)
+                if removed:
+                    self.runner.accept(edge)
+                    self.current_metric = after
+                step = self.trace.record(after, removed, seconds)
+                seconds = 0.0
+                if len(self.trace.steps) == len(edges):
+                    self.trace.finish()
+                yield step
+                if not removed:       # the later hypotheses assumed this edge removed
+                    break
 
     def run(self, callback: Callable[[Step], None] | None = None) -> Trace:
         """Run to the end and return the trace."""

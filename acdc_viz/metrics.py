@@ -29,10 +29,18 @@ class Metric:
     name: str
     fn: MetricFn
     last_position_only: bool = True
+    many_fn: MetricFn | None = None     # the metric of each of a stack of circuits, vectorised
 
     def __call__(self, circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> float:
         value = self.fn(circuit_logits, full_logits)
         return float(value)
+
+    def many(self, circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
+        """The metric of each circuit in ``circuit_logits`` (circuits, batch, ...): a (circuits,)
+        tensor left on the device, so that a chain of hypotheses costs one copy to the host."""
+        if self.many_fn is not None:
+            return self.many_fn(circuit_logits, full_logits)
+        return torch.stack([torch.as_tensor(self.fn(c, full_logits)).reshape(()) for c in circuit_logits])
 
 
 def kl_divergence(circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
@@ -46,12 +54,29 @@ def kl_divergence(circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> to
     return kl.sum(-1).mean()
 
 
+def kl_divergence_many(circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
+    """``kl_divergence`` of each circuit in a stack (circuits, batch, ..., vocab)."""
+    kl = F.kl_div(
+        F.log_softmax(circuit_logits, dim=-1),
+        F.log_softmax(full_logits, dim=-1).expand_as(circuit_logits),
+        log_target=True,
+        reduction="none",
+    )
+    return kl.sum(-1).flatten(1).mean(1)
+
+
+def mse_many(circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
+    """``mse`` of each circuit in a stack."""
+    return (circuit_logits - full_logits).pow(2).flatten(1).mean(1)
+
+
 def mse(circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of the logits, over the batch, (positions) and the vocabulary."""
     return (circuit_logits - full_logits).pow(2).mean()
 
 
 BUILTIN: dict[str, MetricFn] = {"kl": kl_divergence, "mse": mse}
+_MANY: dict[str, MetricFn] = {"kl": kl_divergence_many, "mse": mse_many}
 
 
 def resolve_metric(metric: str | Metric | MetricFn, *, all_positions: bool = False) -> Metric:
@@ -69,7 +94,7 @@ def resolve_metric(metric: str | Metric | MetricFn, *, all_positions: bool = Fal
                 "callable fn(circuit_logits, full_logits) -> scalar tensor"
             )
         name = metric if not all_positions else f"{metric}_all_positions"
-        return Metric(name, BUILTIN[metric], last_position_only=not all_positions)
+        return Metric(name, BUILTIN[metric], last_position_only=not all_positions, many_fn=_MANY[metric])
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric, last_position_only=False)
     raise SettingsError(f"metric must be a name, a Metric or a callable, not {type(metric).__name__}")

@@ -8,7 +8,11 @@ forward-equivalents per edge = (seconds per tested edge) / (seconds of one plain
 pass on the same batch), both timed in this run. We report it against the bridge's own forward
 (what a TransformerLens user calls) and against the engine's plain forward (a stricter baseline).
 
-    python benchmarks/bench_engine.py [--positions] [--steps N] [--device cpu|cuda]
+    python benchmarks/bench_engine.py [--positions] [--steps N] [--device cpu|cuda] [--k K]
+    python benchmarks/bench_engine.py --flips     # float32 against bfloat16: decisions that differ
+
+``--k`` is the number of speculative hypotheses per pass (``Acdc(batch_hypotheses=K)``; the
+default picks it from the device: 1 on CPU).
 """
 
 from __future__ import annotations
@@ -48,6 +52,32 @@ def time_call(fn, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def count_flips(model, pairs, args) -> dict:
+    """The same run in float32 and in bfloat16: how many decisions differ, and where first."""
+    import warnings
+
+    from acdc_viz.acdc import Acdc, ApproximateWarning
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ApproximateWarning)
+            t0 = time.perf_counter()
+            trace = Acdc(model, pairs, tau=1e-3, positions=args.positions, device=args.device,
+                         dtype=dtype, batch_hypotheses=args.k).run()
+        runs[dtype] = (trace, time.perf_counter() - t0)
+    (a, ta), (b, tb) = runs["float32"], runs["bfloat16"]
+    differ = [i for i, (x, y) in enumerate(zip(a.steps, b.steps)) if x.removed != y.removed]
+    kept_a, kept_b = set(a.final_kept_edges), set(b.final_kept_edges)
+    return {
+        "benchmark": "acdc_bf16_flips", "positions": args.positions, "edges": len(a.steps),
+        "decisions_differing": len(differ), "first_differing_step": differ[0] if differ else None,
+        "kept_float32": len(kept_a), "kept_bfloat16": len(kept_b),
+        "final_circuits_symmetric_difference": len(kept_a ^ kept_b),
+        "seconds_float32": round(ta, 1), "seconds_bfloat16": round(tb, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", action="store_true")
@@ -55,6 +85,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--k", type=int, default=None, help="hypotheses per pass (default: auto)")
+    parser.add_argument("--flips", action="store_true",
+                        help="run in float32 and in bfloat16 and count the decisions that differ")
     args = parser.parse_args()
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -68,8 +101,12 @@ def main() -> None:
     corrupt = torch.randint(0, 1000, (args.batch, args.seq), generator=g)
     pairs = TokenPairs(clean, corrupt)
 
+    if args.flips:
+        print(json.dumps(count_flips(model, pairs, args), indent=1))
+        return
     t0 = time.perf_counter()
-    acdc = Acdc(model, pairs, tau=1e-3, positions=args.positions, device=args.device)
+    acdc = Acdc(model, pairs, tau=1e-3, positions=args.positions, device=args.device,
+                batch_hypotheses=args.k)
     setup = time.perf_counter() - t0
     dev_clean = clean.to(args.device)
     with torch.no_grad():
@@ -94,6 +131,7 @@ def main() -> None:
         "benchmark": "acdc_engine",
         "positions": args.positions,
         "device": args.device,
+        "k": acdc.batch_hypotheses,
         "edges_total": acdc.n_edges,
         "edges_tested": n,
         "edges_kept": acdc.kept_edges,

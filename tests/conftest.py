@@ -8,6 +8,9 @@ import pytest
 import torch
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+# The test models are tiny: one thread is faster, and two OpenMP teams on a busy 2-core machine
+# made small-tensor tests up to 100 times slower.
+torch.set_num_threads(1)
 
 
 def gpt2_bridge(tmp_dir, *, n_layer=2, n_head=3, n_embd=24, vocab_size=50, n_positions=16, seed=0):
@@ -54,3 +57,47 @@ def token_pairs(batch=4, pos=6, d_vocab=50, seed=1):
     clean = torch.randint(0, d_vocab, (batch, pos), generator=g)
     corrupt = torch.randint(0, d_vocab, (batch, pos), generator=g)
     return clean, corrupt
+
+
+def shortformer_checkpoint(directory, *, n_layers=2, n_heads=4, d_model=16, d_head=4, d_vocab=50,
+                           n_ctx=16, seed=0):
+    """A random attention-only shortformer model saved as redwood_attn_2l is: a TransformerLens
+    HookedTransformer state dict (``final.pth``: the same key names, mask buffers included) and
+    a TransformerLens-style ``config.json``. Returns (directory, state dict, config)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return shift + scale * torch.randn(*shape, generator=g)
+
+    sd = {"embed.W_E": rand(d_vocab, d_model), "pos_embed.W_pos": rand(n_ctx, d_model, scale=0.8)}
+    for layer in range(n_layers):
+        a = f"blocks.{layer}"
+        sd[f"{a}.ln1.w"] = rand(d_model, scale=0.2, shift=1.0)
+        sd[f"{a}.ln1.b"] = rand(d_model, scale=0.2)
+        for x in "QKV":
+            sd[f"{a}.attn.W_{x}"] = rand(n_heads, d_model, d_head, scale=d_model**-0.5 * 1.5)
+            sd[f"{a}.attn.b_{x}"] = rand(n_heads, d_head, scale=0.2)
+        sd[f"{a}.attn.W_O"] = rand(n_heads, d_head, d_model, scale=d_head**-0.5)
+        sd[f"{a}.attn.b_O"] = rand(d_model, scale=0.2)
+        sd[f"{a}.attn.mask"] = torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool))
+        sd[f"{a}.attn.IGNORE"] = torch.tensor(-1e5)
+    sd["ln_final.w"] = rand(d_model, scale=0.2, shift=1.0)
+    sd["ln_final.b"] = rand(d_model, scale=0.2)
+    sd["unembed.W_U"] = rand(d_model, d_vocab, scale=d_model**-0.5 * 2)
+    sd["unembed.b_U"] = rand(d_vocab, scale=0.2)
+    config = {
+        "act_fn": "gelu_new", "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx,
+        "d_head": d_head, "d_mlp": -1, "model_name": "custom", "n_heads": n_heads,
+        "d_vocab": d_vocab, "eps": 1e-05, "use_attn_result": True, "use_attn_scale": True,
+        "normalization_type": "LN", "attention_dir": "causal", "attn_only": True,
+        "positional_embedding_type": "shortformer", "shortformer_pos": True, "final_rms": False,
+        "d_vocab_out": d_vocab,
+    }
+    torch.save(sd, directory / "final.pth")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory, sd, config

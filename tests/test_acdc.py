@@ -20,6 +20,7 @@ from acdc_viz import (
     load_trace,
     save_trace,
 )
+from acdc_viz.acdc import ApproximateWarning
 
 
 def pairs_for(model, **kw):
@@ -81,8 +82,8 @@ def test_test_mode_agrees_on_a_model_with_layernorm_and_mlps(native_ln, ablation
 
 def test_test_mode_catches_a_wrong_engine(gpt2, monkeypatch):
     acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, test_mode=True)
-    real = acdc.runner.logits_for
-    monkeypatch.setattr(acdc.runner, "logits_for", lambda edge: real(edge) + 0.1 * torch.randn_like(real(edge)))
+    real = acdc.runner.chain_logits
+    monkeypatch.setattr(acdc.runner, "chain_logits", lambda chain: real(chain) + 0.1 * torch.randn_like(real(chain)))
     with pytest.raises(DecisionMismatch, match="hooked"):
         acdc.run()
 
@@ -162,15 +163,15 @@ def test_model_without_what_the_engine_needs():
 
 def test_out_of_memory_keeps_the_trace(gpt2, monkeypatch, tmp_path):
     acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3)
-    real, calls = acdc.runner.logits_for, []
+    real, calls = acdc.runner.chain_logits, []
 
-    def flaky(edge):
-        calls.append(edge)
+    def flaky(chain):
+        calls.append(chain)
         if len(calls) == 6:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(edge)
+        return real(chain)
 
-    monkeypatch.setattr(acdc.runner, "logits_for", flaky)
+    monkeypatch.setattr(acdc.runner, "chain_logits", flaky)
     with pytest.raises(RunOutOfMemory, match="smaller batch") as info:
         acdc.run()
     assert info.value.trace is acdc.trace and len(acdc.trace.steps) == 5
@@ -191,3 +192,58 @@ def test_acdc_prune_scores(gpt2):
     assert any(math.isinf(s) for s in scores.values()) and any(not math.isinf(s) for s in scores.values())
     with pytest.raises(SettingsError, match="faithfulness"):
         acdc_prune_scores(gpt2, loader, faithfulness_target="logit_diff")
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_speculative_hypotheses_change_nothing(gpt2, positions):
+    """K hypotheses per pass, the causal prefix reused, a metric over all positions, and every
+    decision re-checked by test_mode's hooked full forward pass."""
+    kw = {"tau": 1e-3, "positions": positions, "all_positions": True, "dtype": "float64"}
+    one = Acdc(gpt2, pairs_for(gpt2), **kw).run()
+    many = Acdc(gpt2, pairs_for(gpt2), batch_hypotheses=5, test_mode=True, **kw)
+    assert many.runner.reuse_prefix == positions
+    assert_same_decisions(many.run(), one)
+
+
+def assert_same_decisions(a, b):
+    """Same edges, same decisions, metrics equal up to float64 rounding (a batched matmul rounds
+    differently from an unbatched one)."""
+    assert [(s.edge, s.removed) for s in a.steps] == [(s.edge, s.removed) for s in b.steps]
+    assert [s.metric_after for s in a.steps] == pytest.approx([s.metric_after for s in b.steps], rel=1e-9, abs=1e-12)
+
+
+def test_out_of_memory_halves_the_hypotheses(gpt2, monkeypatch):
+    expected = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, dtype="float64").run()
+    acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, batch_hypotheses=16, dtype="float64")
+    real, sizes = acdc.runner.chain_logits, []
+
+    def small_device(chain):
+        sizes.append(len(chain))
+        if len(chain) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(chain)
+
+    monkeypatch.setattr(acdc.runner, "chain_logits", small_device)
+    assert_same_decisions(acdc.run(), expected)
+    assert sizes[:3] == [16, 8, 4] and acdc.batch_hypotheses == 4
+
+
+def test_half_precision_is_flagged_approximate(gpt2):
+    with pytest.warns(ApproximateWarning, match="approximate"):
+        acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, dtype="bfloat16")
+    assert acdc.trace.settings["approximate"] is True
+    assert Acdc(gpt2, pairs_for(gpt2), tau=1e-3).trace.settings["approximate"] is False
+    for bad in (0, -2, 2.5, True, "4"):
+        with pytest.raises(SettingsError, match="batch_hypotheses"):
+            Acdc(gpt2, pairs_for(gpt2), tau=1e-3, batch_hypotheses=bad)
+
+
+def test_vectorised_metrics_equal_one_by_one():
+    from acdc_viz.metrics import resolve_metric
+
+    g = torch.Generator().manual_seed(0)
+    circuits, full = torch.randn(5, 3, 4, 11, generator=g), torch.randn(3, 4, 11, generator=g)
+    for name in ("kl", "mse"):
+        metric = resolve_metric(name, all_positions=True)
+        one_by_one = [metric(c, full) for c in circuits]
+        assert metric.many(circuits, full).tolist() == pytest.approx(one_by_one, rel=1e-6)

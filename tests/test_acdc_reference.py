@@ -1,6 +1,7 @@
 """The engine against the independent brute-force reference (tests/reference_acdc.py), step by step.
 
-Both run in float64, so that a decision can only differ through a real disagreement, not through
+The engine runs with K = 1, 4 and 32 speculative hypotheses per pass (``batch_hypotheses``), with
+the causal-prefix reuse on in position mode. Both run in float64, so that a decision can only differ through a real disagreement, not through
 float32 rounding of a delta that sits next to tau.
 """
 
@@ -16,6 +17,7 @@ from acdc_viz.data import TokenPairs
 
 # tau per model: chosen so that each run both removes and keeps edges.
 CASES = {"gpt2": 3e-4, "attn_only": 3e-3}
+_REFERENCE: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +31,19 @@ def models64(tmp_path_factory):
 @pytest.mark.parametrize("model_name", sorted(CASES))
 @pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
 @pytest.mark.parametrize("positions", [False, True])
-def test_engine_equals_reference_step_by_step(models64, model_name, ablation, positions):
+@pytest.mark.parametrize("hypotheses", [1, 4, 32])
+def test_engine_equals_reference_step_by_step(models64, model_name, ablation, positions, hypotheses):
     model = models64[model_name]
     clean, corrupt = token_pairs(batch=3, pos=4, d_vocab=model.cfg.d_vocab)
     tau = CASES[model_name]
     acdc = Acdc(model, TokenPairs(clean, corrupt), tau=tau, ablation=ablation,
-                positions=positions, dtype=torch.float64)
+                positions=positions, dtype=torch.float64, batch_hypotheses=hypotheses)
     trace = acdc.run()
-    ref = reference_acdc(model, clean, corrupt, tau=tau, ablation=ablation, positions=positions)
+    key = (model_name, ablation, positions)
+    if key not in _REFERENCE:          # the reference is slow: once per case, for every K
+        _REFERENCE[key] = reference_acdc(model, clean, corrupt, tau=tau, ablation=ablation,
+                                          positions=positions)
+    ref = _REFERENCE[key]
 
     assert [s.edge for s in trace.steps] == [r.edge for r in ref]
     for ours, theirs in zip(trace.steps, ref):

@@ -34,3 +34,56 @@ def test_runner_matches_hooked_forward(request, model_name, ablation, positions)
     theirs = hooked_logits(model, clean, corrupt, removed, ablation, last_position_only=False)
     assert (ours - runner.full_logits).abs().max() > 1e-3  # the removals do change the output
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def _sequential(runner, chain):
+    """The chain's hypotheses the slow way: remove edges one by one, recompute everything."""
+    out = []
+    for e in chain:
+        runner.set_removed(e, True)
+        out.append(runner.logits_from(0, "attn"))
+    for e in chain:
+        runner.set_removed(e, False)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "native_ln"])
+@pytest.mark.parametrize("positions", [False, True])
+@pytest.mark.parametrize("last_only", [True, False])
+def test_chain_of_hypotheses_equals_sequential_removals(request, model_name, positions, last_only):
+    """chain_logits (one batched pass, causal prefix reused) against one full pass per hypothesis,
+    walking the whole visit order the way ACDC does, with a mixed circuit accepted on the way."""
+    model = request.getfixturevalue(model_name)
+    clean, corrupt = token_pairs(d_vocab=model.cfg.d_vocab)
+    weights = from_model(model, clean).to(dtype=torch.float64)
+    graph = CircuitGraph.from_config(model.cfg, n_positions=clean.shape[1] if positions else None)
+    runner = CircuitRunner(weights, graph, clean, corrupt, "resample", last_position_only=last_only)
+    assert runner.reuse_prefix == positions
+    rng, edges, i, checked = random.Random(1), graph.edges, 0, 0
+    while i < len(edges):
+        chain = edges[i: i + rng.choice([1, 3, 7])]
+        fast = runner.chain_logits(chain)
+        if rng.random() < (0.08 if positions else 0.3) or i < 10:                # the slow check is costly: sample it
+            torch.testing.assert_close(fast, _sequential(runner, chain), atol=1e-9, rtol=1e-9)
+            checked += 1
+        for e in chain:                                  # accept a random prefix of the chain
+            if rng.random() < 0.2:
+                break
+            runner.accept(e)
+            i += 1
+        else:
+            continue
+        i += 1                                           # the edge that stopped the walk is kept
+    assert checked > 10 and 0 < len(runner._removed) < len(edges)
+
+
+def test_prefix_cache_follows_outside_changes(gpt2):
+    """set_removed outside a chain (a resumed run) invalidates the cached keys and values."""
+    clean, corrupt = token_pairs(d_vocab=gpt2.cfg.d_vocab)
+    weights = from_model(gpt2, clean).to(dtype=torch.float64)
+    graph = CircuitGraph.from_config(gpt2.cfg, n_positions=clean.shape[1])
+    runner = CircuitRunner(weights, graph, clean, corrupt, "zero", last_position_only=False)
+    for e in graph.edges[:200:3]:
+        runner.set_removed(e, True)
+    chain = graph.edges[200:204]
+    torch.testing.assert_close(runner.chain_logits(chain), _sequential(runner, chain), atol=1e-9, rtol=1e-9)

@@ -1,0 +1,272 @@
+"""ACDC at GPT-2-small scale, prepared for a lent GPU (issue 7's benchmark; runs on CPU, slowly).
+
+Model: GPT-2 small's shape (12 layers, 12 heads, d_model 768, vocabulary 50257) with random weights
+from seed 0, built by ``transformers`` (the device machine has no hub and no TransformerLens),
+converted to the engine's ``TransformerWeights`` and checked against the Hugging Face forward.
+Data: 50 random prompt pairs of 15 tokens. ACDC: KL at the last position, resample ablation.
+
+For each mode (``plain``: 32,491 edges; ``positions``: 487,365 edges):
+
+1. a real run from the first edge, for at most ``--seconds`` (``plain`` usually finishes);
+2. if it did not finish, *segments*: short runs that start at the first edge into the attention
+   heads of a sampled layer, with every earlier edge still in the circuit (recorded as kept);
+3. the projected full-run time: the measured prefix, plus, for each remaining destination layer,
+   its edge count times the seconds per edge of the nearest sampled segments (interpolated).
+
+Segments start from a circuit with nothing removed, so their corrections are cheaper than in a
+real run at that depth: read the projection as a slight underestimate.
+
+It reports edges per second, forward-equivalents per edge (against the Hugging Face model's own
+forward on the same batch, and against the engine's plain forward), K (hypotheses per pass), the
+projection and the peak GPU memory, and writes JSON to stdout and to ``--out``.
+
+    python benchmarks/bench_gpu.py --device cuda --out $OUT/gpu.json
+    python benchmarks/bench_gpu.py --tiny            # a 2-layer check of the script on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a bare checkout
+
+from acdc_viz.acdc import Acdc
+from acdc_viz.data import TokenPairs
+from acdc_viz.models.adapter import LayerWeights, Norm, TransformerWeights
+
+
+def hf_gpt2(n_layer: int, n_head: int, d_model: int, vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=d_model, vocab_size=vocab, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def weights_from_hf(hf) -> TransformerWeights:
+    """The engine's view of a Hugging Face GPT-2 (Conv1D weights are (in, out))."""
+    cfg, sd = hf.config, {k: v.detach() for k, v in hf.state_dict().items()}
+    d, n_heads = cfg.n_embd, cfg.n_head
+    d_head = d // n_heads
+
+    def heads_in(w):           # (d, n_heads * d_head) -> (n_heads, d, d_head)
+        return w.view(d, n_heads, d_head).permute(1, 0, 2).contiguous()
+
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        W_q, W_k, W_v = sd[p + "attn.c_attn.weight"].split(d, dim=1)
+        b_q, b_k, b_v = sd[p + "attn.c_attn.bias"].split(d)
+        layers.append(LayerWeights(
+            ln1=Norm("LN", cfg.layer_norm_epsilon, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]),
+            W_Q=heads_in(W_q), b_Q=b_q.view(n_heads, d_head), W_K=heads_in(W_k), b_K=b_k.view(n_heads, d_head),
+            W_V=heads_in(W_v), b_V=b_v.view(n_heads, d_head),
+            W_O=sd[p + "attn.c_proj.weight"].view(n_heads, d_head, d), b_O=sd[p + "attn.c_proj.bias"],
+            attn_scale=d_head ** 0.5,
+            ln2=Norm("LN", cfg.layer_norm_epsilon, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
+            W_in=sd[p + "mlp.c_fc.weight"], b_in=sd[p + "mlp.c_fc.bias"],
+            W_out=sd[p + "mlp.c_proj.weight"], b_out=sd[p + "mlp.c_proj.bias"],
+        ))
+    W_E = sd["transformer.wte.weight"]
+    return TransformerWeights(
+        W_E=W_E, W_pos=sd["transformer.wpe.weight"], layers=layers,
+        ln_final=Norm("LN", cfg.layer_norm_epsilon, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]),
+        W_U=W_E.T.contiguous(), b_U=torch.zeros(W_E.shape[0]), act=lambda x: F.gelu(x, approximate="tanh"),
+        causal=True, n_heads=n_heads, attn_only=False, d_vocab=W_E.shape[0], n_ctx=cfg.n_positions,
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, repeats: int = 10) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def walk(acdc: Acdc, start: int, seconds: float, device: str) -> dict:
+    """Run ``acdc`` from edge ``start`` (earlier edges recorded as kept) for ``seconds``."""
+    for _ in range(start - len(acdc.trace.steps)):
+        acdc.trace.record(acdc.current_metric + 1.0, False)      # kept: delta 1 >= tau
+    n, removed, t0 = 0, 0, time.perf_counter()
+    for step in acdc.steps():
+        n += 1
+        removed += step.removed
+        if time.perf_counter() - t0 > seconds:
+            break
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return {"start": start, "edges": n, "removed": removed, "seconds": round(elapsed, 3),
+            "seconds_per_edge": elapsed / max(n, 1), "end": start + n,
+            "complete": acdc.done, "k": acdc.batch_hypotheses}
+
+
+def dest_layer(edge, n_layers: int) -> int:
+    return n_layers if edge.dest.kind == "out" else edge.dest.layer
+
+
+def project(acdc: Acdc, prefix: dict, segments: list[dict]) -> float:
+    """Projected seconds for the whole run: the measured prefix plus, per destination layer, its
+    remaining edges times the interpolated seconds per edge of the sampled segments."""
+    n_layers = acdc.weights.n_layers
+    edges = acdc.graph.edges
+    points = sorted((dest_layer(edges[s["start"]], n_layers), s["seconds_per_edge"]) for s in segments)
+    points.append((dest_layer(edges[max(prefix["end"] - 1, 0)], n_layers), prefix["seconds_per_edge"]))
+    points.sort()
+
+    def cost(layer: int) -> float:
+        below = [p for p in points if p[0] <= layer]
+        above = [p for p in points if p[0] >= layer]
+        lo, hi = (below[-1] if below else above[0]), (above[0] if above else below[-1])
+        if hi[0] == lo[0]:
+            return lo[1]
+        return lo[1] + (hi[1] - lo[1]) * (layer - lo[0]) / (hi[0] - lo[0])
+
+    total = prefix["seconds"]
+    for e in edges[prefix["end"]:]:
+        total += cost(dest_layer(e, n_layers))
+    return total
+
+
+def bench_mode(weights, pairs, args, positions: bool, forward_s: float, out: dict, k: int | None,
+               dtype=torch.float32, seconds: float | None = None) -> dict:
+    device = args.device
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    kw = {"tau": args.tau, "positions": positions, "device": device, "dtype": dtype, "batch_hypotheses": k}
+    t0 = time.perf_counter()
+    acdc = Acdc(weights, pairs, **kw)
+    setup = time.perf_counter() - t0
+    prefix = walk(acdc, 0, seconds or args.seconds, device)
+    result = {"positions": positions, "dtype": str(dtype).removeprefix("torch."), "edges_total": acdc.n_edges,
+              "k": acdc.batch_hypotheses, "setup_seconds": round(setup, 2), "prefix": prefix}
+    if prefix["complete"]:
+        result["full_run_seconds"] = prefix["seconds"]
+        result["kept_edges"] = acdc.kept_edges
+        result["trace"] = acdc.trace
+    else:
+        segments = []
+        edges = acdc.graph.edges
+        n_layers = weights.n_layers
+        for layer in sorted({round(x) for x in torch.linspace(n_layers - 2, 0, args.samples).tolist()},
+                            reverse=True):
+            start = next(i for i, e in enumerate(edges) if e.dest.kind in "qkv" and e.dest.layer == layer)
+            if start < prefix["end"]:
+                continue
+            seg = walk(Acdc(weights, pairs, **kw), start, args.segment_seconds, device)
+            seg["layer"] = layer
+            segments.append(seg)
+        result["segments"] = segments
+        result["projected_full_run_seconds"] = round(project(acdc, prefix, segments), 1)
+    spe = [prefix["seconds_per_edge"]] + [s["seconds_per_edge"] for s in result.get("segments", [])]
+    result["edges_per_second_prefix"] = round(1 / prefix["seconds_per_edge"], 1)
+    total = result.get("full_run_seconds") or result["projected_full_run_seconds"]
+    result["edges_per_second_full"] = round(acdc.n_edges / total, 1)
+    result["forward_equivalents_per_edge"] = round(total / acdc.n_edges / forward_s, 3)
+    result["sampled_seconds_per_edge"] = [round(x, 5) for x in spe]
+    if device.startswith("cuda"):
+        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tau", type=float, default=1e-3)
+    parser.add_argument("--modes", default="plain,positions")
+    parser.add_argument("--seconds", type=float, default=150.0, help="cap of each real run from the start")
+    parser.add_argument("--positions-seconds", type=float, default=60.0, help="the same, position mode")
+    parser.add_argument("--segment-seconds", type=float, default=20.0)
+    parser.add_argument("--samples", type=int, default=4, help="sampled layers per mode")
+    parser.add_argument("--k", type=int, default=None, help="hypotheses per pass (default: auto)")
+    parser.add_argument("--k1-seconds", type=float, default=15.0, help="also time K=1 this long (0: skip)")
+    parser.add_argument("--flips", action="store_true", help="also run plain in bfloat16, count flips")
+    parser.add_argument("--tiny", action="store_true", help="2 layers, d 64: check the script quickly")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    shape = (2, 4, 64, 1000) if args.tiny else (12, 12, 768, 50257)
+    hf = hf_gpt2(*shape)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, shape[3], (50, 15), generator=g)
+    corrupt = torch.randint(0, shape[3], (50, 15), generator=g)
+    weights = weights_from_hf(hf)
+    with torch.no_grad():
+        err = (weights.forward(clean) - hf(clean).logits).abs().max().item()
+    assert err < 1e-3, f"the converted weights disagree with the Hugging Face forward: {err}"
+    dev = args.device
+    hf, weights = hf.to(dev), weights.to(dev)
+    dev_clean = clean.to(dev)
+    with torch.no_grad():
+        hf_fwd = time_call(lambda: hf(dev_clean), dev)
+        engine_fwd = time_call(lambda: weights.forward(dev_clean), dev)
+    pairs = TokenPairs(clean, corrupt)
+    report: dict = {
+        "benchmark": "acdc_gpu", "model": "gpt2-small shape, random (seed 0)" if not args.tiny else "tiny",
+        "prompts": list(clean.shape), "tau": args.tau, "device": dev,
+        "hf_forward_ms": round(hf_fwd * 1e3, 3), "engine_forward_ms": round(engine_fwd * 1e3, 3),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None},
+        "modes": {},
+    }
+
+    def emit() -> None:
+        text = json.dumps(report, indent=1, default=lambda o: None)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text, flush=True)
+
+    for mode in args.modes.split(","):
+        positions = mode == "positions"
+        res = bench_mode(weights, pairs, args, positions, hf_fwd, report, args.k,
+                         seconds=args.positions_seconds if positions else args.seconds)
+        trace = res.pop("trace", None)
+        report["modes"][mode] = res
+        emit()
+        if args.k1_seconds > 0 and res["k"] > 1:
+            start = next(i for i, e in enumerate(Acdc(weights, pairs, tau=args.tau, positions=positions,
+                                                      device=dev).graph.edges) if e.dest.kind in "qkv")
+            k1 = walk(Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev, batch_hypotheses=1),
+                      start, args.k1_seconds, dev)
+            res["k1_top_heads_segment"] = k1
+            emit()
+        if args.flips and not positions and trace is not None:
+            half = bench_mode(weights, pairs, args, False, hf_fwd, report, args.k, torch.bfloat16)
+            half_trace = half.pop("trace", None)
+            if half_trace is not None:
+                flips = sum(a.removed != b.removed for a, b in zip(trace.steps, half_trace.steps))
+                first = next((i for i, (a, b) in enumerate(zip(trace.steps, half_trace.steps))
+                              if a.removed != b.removed), None)
+                kept32, kept16 = set(trace.final_kept_edges), set(half_trace.final_kept_edges)
+                half["decisions_differing"] = flips
+                half["first_flip_step"] = first
+                half["final_circuit_symmetric_difference"] = len(kept32 ^ kept16)
+                half["kept_fp32"], half["kept_bf16"] = len(kept32), len(kept16)
+            report["modes"]["plain_bf16"] = half
+            emit()
+    if not math.isfinite(report["hf_forward_ms"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
