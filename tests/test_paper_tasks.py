@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acdc_viz.errors import ModelSupportError
 from acdc_viz.graph import QKV, CircuitGraph
 from acdc_viz.models.loading import ModelLoadError, load_model
 from acdc_viz.tasks import TaskError, all_tasks, get_task
@@ -323,11 +322,6 @@ def test_kl_repeated_reads_only_the_second_copy():
     assert metric(second_copy_changed, full) > 0
 
 
-def test_induction_redwood_says_why_it_cannot_load():
-    with pytest.raises(ModelSupportError, match="shortformer"):
-        get_task("induction-redwood").load_model("cpu")
-
-
 @pytest.fixture
 def offline_empty_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
@@ -353,3 +347,45 @@ def test_docstring_fails_offline_with_instructions(offline_empty_cache):
         get_task("docstring").load_model("cpu")
     with pytest.raises(ModelLoadError, match="gpt-neox-tokenizer-digits.*tokenizer=AutoTokenizer"):
         get_task("docstring").make_pairs(4, 0)
+
+
+def test_induction_redwood_fails_offline_with_instructions(offline_empty_cache, monkeypatch):
+    from acdc_viz.models.shortformer import PATH_ENV
+
+    monkeypatch.delenv(PATH_ENV, raising=False)
+    with pytest.raises(ModelLoadError) as info:
+        get_task("induction-redwood").load_model("cpu")
+    message = str(info.value)
+    assert "ArthurConmy/redwood_attn_2l" in message and "final.pth" in message
+    assert "offline mode is set" in message and PATH_ENV in message and "HF_HOME" in message
+    with pytest.raises(ModelLoadError, match="shortformer.*load_redwood_weights"):
+        load_model("redwood_attn_2l")
+    monkeypatch.setenv(PATH_ENV, str(offline_empty_cache / "nowhere"))
+    with pytest.raises(ModelLoadError, match=rf"\${PATH_ENV}: .*nowhere does not exist"):
+        get_task("induction-redwood").load_model("cpu")
+
+
+def test_induction_redwood_runs_on_a_local_checkpoint(tmp_path, monkeypatch):
+    """A random checkpoint with redwood_attn_2l's key names and shape (narrower), found through
+    $ACDC_VIZ_REDWOOD_PATH as a copy of the real one would be."""
+    from conftest import shortformer_checkpoint
+
+    from acdc_viz import Acdc, SettingsError
+    from acdc_viz.models.adapter import TransformerWeights
+    from acdc_viz.models.shortformer import PATH_ENV
+
+    directory, _, _ = shortformer_checkpoint(tmp_path, n_heads=8, d_model=16, d_head=2,
+                                             d_vocab=50259, n_ctx=64)
+    monkeypatch.setenv(PATH_ENV, str(directory))
+    task = get_task("induction-redwood")
+    model = task.load_model("cpu")
+    assert isinstance(model, TransformerWeights) and model.W_pos_qk is not None
+    task.check_model(model)
+    pairs = task.make_pairs(3, 0)
+    metric = task.metrics[task.default_metric](pairs)
+    acdc = Acdc(model, pairs, tau=task.default_tau, metric=metric, model_name=task.name)
+    assert acdc.current_metric == 0.0 and len(acdc.graph.edges) == 257
+    steps = [step for _, step in zip(range(3), acdc.steps())]
+    assert [s.edge for s in steps] == ["A1.7->Out", "A1.6->Out", "A1.5->Out"]
+    with pytest.raises(SettingsError, match="test_mode"):
+        Acdc(model, pairs, tau=task.default_tau, metric=metric, test_mode=True)

@@ -11,6 +11,8 @@ circuits.
 
 Supported: learned (or no) positional embeddings, LayerNorm / RMSNorm (with or without weights)
 or none, the usual MLP activations, causal or bidirectional attention, attention-only models.
+Shortformer positions (``TransformerWeights.W_pos_qk``) too, but no TransformerLens 4 bridge
+runs them: ``acdc_viz.models.shortformer`` reads such checkpoints itself.
 """
 
 from __future__ import annotations
@@ -101,6 +103,11 @@ class TransformerWeights:
     attn_only: bool
     d_vocab: int
     n_ctx: int
+    W_pos_qk: torch.Tensor | None = None
+    """Shortformer positions (n_ctx, d_model), or None. TransformerLens' ``"shortformer"``
+    embedding adds them to each layer's query and key inputs *after* ``ln1``, never to the stream
+    or the values (``W_pos`` is then None). ACDC's corrections act on the stream before ``ln1``,
+    so the positions are no source: they are never ablated."""
 
     @property
     def n_layers(self) -> int:
@@ -128,12 +135,27 @@ class TransformerWeights:
         z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=1.0 / w.attn_scale)
         return torch.einsum("bhpe,hed->hbpd", z, w.W_O)
 
+    def qkv_biases(self, layer: int, q_start: int, kv_start: int,
+                   stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The biases of q, k and v, each (heads, positions or 1, d_head).
+
+        With shortformer positions, ``(ln1(x) + pos) @ W + b = ln1(x) @ W + (pos @ W + b)``: q's
+        bias then covers positions ``q_start..stop-1`` and k's ``kv_start..stop-1``.
+        """
+        w = self.layers[layer]
+        b_q, b_k, b_v = (b[:, None, :] for b in (w.b_Q, w.b_K, w.b_V))
+        if self.W_pos_qk is not None:
+            b_q = b_q + torch.einsum("pd,hde->hpe", self.W_pos_qk[q_start:stop], w.W_Q)
+            b_k = b_k + torch.einsum("pd,hde->hpe", self.W_pos_qk[kv_start:stop], w.W_K)
+        return b_q, b_k, b_v
+
     def qkv(self, layer: int, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (batch, heads, pos, d_head) for all heads from one normalised input."""
         w = self.layers[layer]
+        biases = self.qkv_biases(layer, 0, 0, normed.shape[1])
         return tuple(  # type: ignore[return-value]
-            torch.einsum("bpd,hde->bhpe", normed, W) + b[None, :, None, :]
-            for W, b in ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V))
+            torch.einsum("bpd,hde->bhpe", normed, W) + b[None]
+            for W, b in zip((w.W_Q, w.W_K, w.W_V), biases)
         )
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:

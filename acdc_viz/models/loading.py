@@ -294,6 +294,13 @@ def _load_from_hub(name: str, *, device: str | torch.device, dtype: torch.dtype)
     legacy = _legacy_repo(name)
     if legacy is not None and legacy != name:
         logger.info("%r is the TransformerLens legacy checkpoint %r", name, legacy)
+    if legacy == "ArthurConmy/redwood_attn_2l":
+        raise ModelLoadError(
+            f"{name!r} uses shortformer positional embeddings, which no TransformerBridge runs "
+            "(boot_tl_legacy refuses it). acdc_viz reads it itself, as TransformerWeights that "
+            "Acdc accepts: acdc_viz.models.shortformer.load_redwood_weights(), or the task "
+            "get_task('induction-redwood').load_model(device)."
+        )
     offline = _env_offline()
     reachable = False if offline else _hub_reachable()
     if not offline and not reachable:

@@ -24,7 +24,8 @@ class Task:
         description: one line for ``acdc-viz tasks``.
         bundled: the model ships inside the package (works offline); otherwise it needs the hub.
         model_name: what ``load_model`` loads.
-        load_model: ``(device) -> TransformerLens model``.
+        load_model: ``(device) -> TransformerLens model``, or ready ``TransformerWeights`` for a
+            model TransformerLens cannot run (``induction-redwood``).
         make_pairs: ``(n, seed) -> TokenPairs``; raises ``TaskError`` when asked for more distinct
             prompts than exist.
         default_prompts: how many prompt pairs a run uses by default.

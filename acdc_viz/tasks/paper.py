@@ -1,7 +1,9 @@
 """The ACDC paper's tasks (Conmy et al. 2023, §4): IOI, greater-than, docstring and induction.
 
 Their models come from the Hugging Face hub (``bundled=False``): GPT-2 small through
-``TransformerBridge.boot_transformers``, attn-only-4l through ``boot_tl_legacy``. The prompts are
+``TransformerBridge.boot_transformers``, attn-only-4l through ``boot_tl_legacy``, and
+redwood_attn_2l (shortformer, which TransformerLens 4 cannot run) through our own reader,
+``acdc_viz.models.shortformer``, as ``TransformerWeights``. The prompts are
 made here, offline for the GPT-2 tasks (GPT-2's tokenizer ships with acdc_viz). Each canonical
 circuit is the paper's, written in our graph's edge names; ``docs/paper-tasks.md`` explains how
 each maps to the paper's edge count.
@@ -105,7 +107,7 @@ TASKS: list[Task] = [
     ),
     Task(
         name="induction-redwood",
-        description="induction, redwood_attn_2l (cannot run yet: shortformer positions)",
+        description="induction, redwood_attn_2l (shortformer, read by acdc_viz itself)",
         bundled=False,
         model_name=paper_induction.MODEL_NAME,
         load_model=paper_induction.load_redwood,

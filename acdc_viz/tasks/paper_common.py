@@ -40,10 +40,11 @@ class Architecture:
                 f"a vocabulary of {self.d_vocab} tokens")
 
     def check(self, task: str, model: Any) -> None:
-        """Raise ``TaskError`` unless ``model`` has this shape."""
-        from acdc_viz.models.adapter import model_config
+        """Raise ``TaskError`` unless ``model`` (a TransformerLens model, or ready
+        ``TransformerWeights``) has this shape."""
+        from acdc_viz.models.adapter import TransformerWeights, model_config
 
-        cfg = model_config(model)
+        cfg = model if isinstance(model, TransformerWeights) else model_config(model)
         found = Architecture(
             model_name=str(getattr(cfg, "model_name", "?")),
             n_layers=int(cfg.n_layers),
@@ -55,7 +56,7 @@ class Architecture:
             raise TaskError(
                 f"task {task!r} needs {self.model_name}'s architecture ({self.describe()}); this "
                 f"model has {found.describe()}. Load the task's model with "
-                f"load_model({self.model_name!r}), or pick a task made for this model "
+                f"get_task({task!r}).load_model(device), or pick a task made for this model "
                 "(`acdc-viz tasks`)."
             )
 

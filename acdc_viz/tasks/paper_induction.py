@@ -8,11 +8,12 @@ the second copy every next token is predictable by induction (and in the first, 
 the metric reads the second copy. The corruption, as in the paper, gives each prompt another
 prompt of the batch.
 
-The model cannot run yet: it uses shortformer positional embeddings (added to each attention
-layer's query and key inputs rather than to the residual stream). TransformerLens 4's native
-bridge refuses the checkpoint for that reason, and the engine's per-head view of a model does not
-model them, so :func:`load_redwood` explains this instead of loading. The paper gives no canonical
-circuit for this task.
+The model uses shortformer positional embeddings (added to each attention layer's query and key
+inputs after ``ln1``, never to the residual stream). TransformerLens 4 cannot run them, so
+:func:`load_redwood` reads the checkpoint itself (``acdc_viz.models.shortformer``) and returns the
+engine's ``TransformerWeights``, which ``Acdc`` takes directly. There is no TransformerLens model,
+so ``Acdc(test_mode=True)`` is not available for this task. The paper gives no canonical circuit
+for this task.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from acdc_viz.data import TokenPairs
-from acdc_viz.errors import ModelSupportError
 from acdc_viz.metrics import Metric
 from acdc_viz.tasks.base import TaskError
 from acdc_viz.tasks.paper_common import Architecture, check_count, derangement
@@ -79,13 +79,11 @@ def kl_repeated_metric(pairs: TokenPairs) -> Metric:
     return Metric("kl_repeated", fn, last_position_only=False)
 
 
-def load_redwood(device: str) -> Any:
-    """Always raises: the engine cannot run shortformer models yet (see the module docstring)."""
-    raise ModelSupportError(
-        f"task {TASK!r}: {MODEL_NAME} uses shortformer positional embeddings (added to each "
-        "attention layer's query and key inputs, not to the residual stream). TransformerLens 4's "
-        "native bridge does not implement them (boot_tl_legacy refuses this checkpoint), and "
-        "acdc_viz's engine does not model them yet, so this task cannot run. Its prompts and "
-        "metric work (make_pairs, metrics['kl_repeated']); for induction circuits, run one of the "
-        "bundled induction tasks (`acdc-viz tasks`). See docs/paper-tasks.md."
-    )
+def load_redwood(device: str, path: str | None = None) -> Any:
+    """``redwood_attn_2l`` as ``TransformerWeights``: from ``path`` (a directory holding
+    ``final.pth`` and ``config.json``, or the checkpoint file), else from
+    ``$ACDC_VIZ_REDWOOD_PATH``, else from the Hugging Face hub (or its cache). A ``ModelLoadError``
+    says how to provide the files offline."""
+    from acdc_viz.models.shortformer import load_redwood_weights
+
+    return load_redwood_weights(path, device=device)
