@@ -13,6 +13,11 @@ from acdc_viz.errors import AcdcVizError, ModelSupportError, RunOutOfMemory, Set
 from acdc_viz.graph import CircuitGraph, Destination, Edge, Source
 from acdc_viz.metrics import Metric
 from acdc_viz.models.loading import ModelLoadError, load_model
+
+# Eager on purpose: ``acdc_viz.sweep`` names both the function and its module, and a lazy
+# export would be shadowed by the module once anything imported it. The module itself imports
+# ray only when a sweep asks for executor="ray".
+from acdc_viz.sweep import SweepResult, SweepRun, sweep
 from acdc_viz.trace import Step, Trace, TraceError, load_trace, save_trace
 
 __version__ = "0.1.0"
@@ -44,6 +49,8 @@ __all__ = [
     "SettingsError",
     "Source",
     "Step",
+    "SweepResult",
+    "SweepRun",
     "TokenPairs",
     "Trace",
     "TraceError",
@@ -54,4 +61,5 @@ __all__ = [
     "run_acdc",
     "save_token_pairs",
     "save_trace",
+    "sweep",
 ]

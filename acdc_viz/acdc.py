@@ -388,6 +388,7 @@ def acdc_prune_scores(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype = torch.float32,
     callback: Callable[[float, Trace], None] | None = None,
+    executor: str = "local",
 ) -> EdgeScores:
     """auto-circuit's entry point: run ACDC at every tau = base * 10**exp and score the edges.
 
@@ -401,6 +402,7 @@ def acdc_prune_scores(
         faithfulness_target: ``"kl_div"`` or ``"mse"``.
         test_mode: re-check every decision with a hooked full forward pass (slow).
         callback: called with ``(tau, trace)`` after each run, e.g. to save the traces.
+        executor: ``"local"`` (one run after another) or ``"ray"`` (see ``acdc_viz.sweep``).
 
     Returns:
         ``EdgeScores``: edge name -> smallest tau that removed it, ``+inf`` if none did.
@@ -414,11 +416,16 @@ def acdc_prune_scores(
     if not taus:
         raise SettingsError("tao_exps and tao_bases give no thresholds")
     official = {getattr(e, "name", e) for e in official_edges} if official_edges else set()
+    from acdc_viz.sweep import sweep
+
+    result = sweep(model, taus, pairs, metric=_FAITHFULNESS[faithfulness_target],
+                   ablation=ablation, positions=positions, device=device, dtype=dtype,
+                   test_mode=test_mode, executor=executor, progress=False)
+    result.raise_for_failures()
     scores: EdgeScores = {}
-    for tau in taus:
-        trace = Acdc(model, pairs, tau=tau, metric=_FAITHFULNESS[faithfulness_target],
-                     ablation=ablation, positions=positions, device=device, dtype=dtype,
-                     test_mode=test_mode).run()
+    for run in result.runs:                       # in tau order
+        tau, trace = run.job.tau, run.trace
+        assert trace is not None
         if not scores:
             scores = {e.name: math.inf for e in trace.graph.edges}
         for step in trace.steps:

@@ -4,11 +4,16 @@ The widget only orchestrates: ACDC (``acdc.Acdc``) runs in a background thread, 
 every button stay responsive, and each recorded step reaches the seq-graph (``figure``) as an in-
 place update, at most one per ``REDRAW_SECONDS``. Runs are cached by their settings (tau, metric,
 ablation, positions, device), so switching back to a setting shows its trace at once.
+
+``Sweep`` fills that cache for many taus at once, in another background thread, through
+``acdc_viz.sweep`` (locally or on Ray); each finished run appears in a plot of kept edges and
+final metric against tau, where clicking a point opens that run.
 """
 
 from __future__ import annotations
 
 import html
+import importlib.util
 import logging
 import threading
 import time
@@ -23,8 +28,11 @@ import torch
 from acdc_viz.acdc import Acdc, check_tau
 from acdc_viz.data import TokenPairs
 from acdc_viz.errors import SettingsError
+from acdc_viz.evaluate import parse_taus
 from acdc_viz.figure import TRACE_IDS, build_figure, update_figure
 from acdc_viz.layout import LAYOUTS
+from acdc_viz.sweep import SweepResult, SweepRun
+from acdc_viz.sweep import sweep as run_sweep
 from acdc_viz.trace import Trace, save_trace
 
 log = logging.getLogger(__name__)
@@ -35,13 +43,16 @@ REDRAW_SHARE_FACTOR = 8.0
 """A redraw that took t seconds waits at least this many t before the next (drawing <= ~1/9)."""
 
 BUTTONS = ("Run", "Pause", "Step", "Stop", "Reset")
+SWEEP_BUTTONS = ("Sweep", "Cancel")
+DEFAULT_SWEEP = "1e-4:1e-1:8"
+"""The sweep box's initial taus: LOW:HIGH:COUNT, log-spaced."""
 
 _CSS = """<style>
 .acdc-explorer .acdc-controls {
   border: 1px solid var(--jp-border-color2, #e0e0e0); border-radius: 4px; padding: 2px 6px;
   box-sizing: border-box;
 }
-.acdc-explorer .acdc-actions, .acdc-explorer .acdc-view {
+.acdc-explorer .acdc-actions, .acdc-explorer .acdc-view, .acdc-explorer .acdc-sweep {
   border-top: 1px solid var(--jp-border-color3, #eeeeee); padding-top: 2px; margin-top: 2px;
 }
 .acdc-explorer .acdc-tau-text .widget-label { display: none; }
@@ -137,6 +148,12 @@ class Explorer:
         self._stopped: set[RunKey] = set()
         self._highlight: str | None = None
         self._syncing = False
+        self.sweep_traces: dict[RunKey, Trace] = {}
+        """Complete traces from sweeps, by settings; ``_select_run`` turns one into a run."""
+        self.sweep_result: SweepResult | None = None
+        self._sweep_thread: threading.Thread | None = None
+        self._sweep_cancel = threading.Event()
+        self._sweep_lock = threading.Lock()
         self.redraws = 0
         self.redraw_seconds = 0.0
         self._build_controls(tau if tau is not None else 0.01, metric or "kl", ablation or "resample",
@@ -206,6 +223,38 @@ class Explorer:
             yaxis2={"overlaying": "y", "side": "right", "color": "#E69F00", "rangemode": "tozero",
                     "tickmode": "auto", "nticks": 6, "tickformat": "d"},
         )
+        self.sweep_taus = w.Text(value=DEFAULT_SWEEP, description="sweep taus", style=style,
+                                 tooltip="LOW:HIGH:COUNT (log-spaced) or a comma-separated list",
+                                 layout=w.Layout(width="210px"), continuous_update=False)
+        executors = ["local"] + (["ray"] if importlib.util.find_spec("ray") is not None else [])
+        self.sweep_executor = w.Dropdown(options=executors, value="local", description="on",
+                                         style=style, layout=w.Layout(width="100px"),
+                                         tooltip="local: one run after another in this kernel; "
+                                                 "ray: Ray tasks (a local instance, or ray.init first)")
+        self.sweep_buttons = {name: w.Button(description=name, layout=w.Layout(width="72px"))
+                              for name in SWEEP_BUTTONS}
+        self.sweep_buttons["Sweep"].tooltip = "run every tau of the list in the background"
+        self.sweep_buttons["Cancel"].disabled = True
+        self.sweep_status = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 0 0 8px"))
+        self.sweep_plot = go.FigureWidget()
+        self.sweep_plot.add_scatter(name="final metric", mode="lines+markers",
+                                    line={"color": "#0072B2"}, marker={"size": 6})
+        self.sweep_plot.add_scatter(name="edges kept", mode="lines+markers", yaxis="y2",
+                                    line={"color": "#E69F00"}, marker={"size": 6, "symbol": "square"})
+        self.sweep_plot.update_layout(
+            height=230, width=HISTORY_WIDTH, margin={"l": 38, "r": 38, "t": 40, "b": 36},
+            template="simple_white", font={"size": 11}, showlegend=False, clickmode="event",
+            title={"text": "<span style='color:#0072B2'>final metric</span> and "
+                           "<span style='color:#E69F00'>edges kept</span>",
+                   "font_size": 12, "x": 0.5, "xanchor": "center", "y": 0.97, "yanchor": "top"},
+            xaxis={"title": {"text": "tau (click: open)", "standoff": 4}, "type": "log"},
+            yaxis={"color": "#0072B2", "rangemode": "tozero"},
+            yaxis2={"overlaying": "y", "side": "right", "color": "#E69F00", "rangemode": "tozero",
+                    "tickmode": "auto", "nticks": 6, "tickformat": "d"},
+        )
+        for series in self.sweep_plot.data:
+            series.on_click(self._on_sweep_click)
+
         # The seq-graph has the fixed size its layout was computed for: it is never squeezed or
         # clipped. A figure wider than the notebook scrolls sideways in its own box (and nothing
         # scrolls vertically: the notebook does that).
@@ -226,6 +275,8 @@ class Explorer:
         self.buttons["Reset"].on_click(lambda _b: self.reset())
         for ext, button in self.exports.items():
             button.on_click(lambda _b, ext=ext: self.export(ext))
+        self.sweep_buttons["Sweep"].on_click(lambda _b: self.sweep())
+        self.sweep_buttons["Cancel"].on_click(lambda _b: self.cancel_sweep())
 
         # Arrangement, top to bottom: the controls (1. what to run; 2. running it, and where it
         # stands; 3. how to look at it: view options and replay); then the seq-graph with the
@@ -240,11 +291,14 @@ class Explorer:
         status = w.HBox([self.status, self.message], layout=w.Layout(**row))
         view = w.HBox([self.layout, self.show_removed, self.play, self.replay], layout=w.Layout(**row))
         view.add_class("acdc-view")
-        controls = w.VBox([settings, actions, status, view], layout=w.Layout(width="100%"))
+        sweeps = w.HBox([self.sweep_taus, self.sweep_executor, *self.sweep_buttons.values(),
+                         self.sweep_status], layout=w.Layout(**row))
+        sweeps.add_class("acdc-sweep")
+        controls = w.VBox([settings, actions, status, view, sweeps], layout=w.Layout(width="100%"))
         controls.add_class("acdc-controls")
         exports = list(self.exports.values())
-        side = w.VBox([self.history, w.HTML("<b>export</b>"), w.HBox(exports[:2]), w.HBox(exports[2:]),
-                       self.log],
+        side = w.VBox([self.history, self.sweep_plot, w.HTML("<b>export</b>"), w.HBox(exports[:2]),
+                       w.HBox(exports[2:]), self.log],
                       layout=w.Layout(flex=f"0 0 {HISTORY_WIDTH + 4}px", width=f"{HISTORY_WIDTH + 4}px"))
         side.add_class("acdc-side")
         body = w.HBox([self.figure_box, side], layout=w.Layout(flex_flow="row wrap", align_items="flex-start",
@@ -298,17 +352,22 @@ class Explorer:
         if key is None:
             self._sync_buttons()
             return
-        if key not in self.runs:
+        with self._sweep_lock:
+            swept = self.sweep_traces.get(key)
+        current = self.runs.get(key)
+        if current is None or (swept is not None and not current.done):
             try:
+                # A sweep's complete trace becomes a finished run (replayed, nothing recomputed).
                 self.runs[key] = Acdc(self.model, self.pairs, tau=key.tau, metric=self._metrics[key.metric],
                                       ablation=key.ablation, positions=key.positions, device=key.device,
-                                      model_name=self.name, tokens=self.tokens)
+                                      model_name=self.name, tokens=self.tokens, resume=swept)
             except Exception as exc:  # noqa: BLE001 - shown in the widget, never raised into the cell
                 self.acdc = None
                 self._show_error(exc)
                 self._sync_buttons()
                 return
-            cached = ""
+            self._stopped.discard(key)
+            cached = "" if swept is None else " (from the sweep)"
         else:
             cached = " (cached run)"
         self.acdc = self.runs[key]
@@ -317,6 +376,7 @@ class Explorer:
         self._show_message(f"tau = {key.tau:g}{cached}")
         self._redraw()
         self._sync_buttons()   # a fresh run (Reset, a new tau) can be run and stepped again
+        self._refresh_sweep_plot()
 
     def _new_figure(self) -> None:
         assert self.acdc is not None
@@ -374,6 +434,8 @@ class Explorer:
         if key is not None:
             self.runs.pop(key, None)
             self._stopped.discard(key)
+            with self._sweep_lock:
+                self.sweep_traces.pop(key, None)
         self.error = None
         self._select_run()
 
@@ -407,6 +469,137 @@ class Explorer:
             self._thread = None
             self._redraw(follow=True)
             self._sync_buttons()
+            if acdc.done:
+                self._refresh_sweep_plot()
+
+    # ----- sweeps --------------------------------------------------------------------------------
+
+    @property
+    def sweeping(self) -> bool:
+        return self._sweep_thread is not None and self._sweep_thread.is_alive()
+
+    def sweep(self, taus: str | list[float] | None = None, executor: str | None = None,
+              **options: Any) -> None:
+        """Run every tau not cached yet, in the background (what the ``Sweep`` button does).
+
+        Uses the current metric, ablation, positions and device. ``taus`` defaults to the sweep
+        box (``LOW:HIGH:COUNT`` or a comma list), ``executor`` to its dropdown; ``options`` go to
+        ``acdc_viz.sweep`` (``address``, ``num_cpus``, ``num_gpus``, ...).
+        """
+        if self.sweeping:
+            return
+        spec = self.sweep_taus.value if taus is None else taus
+        try:
+            wanted = parse_taus(spec) if isinstance(spec, str) else [check_tau(t) for t in spec]
+        except (SettingsError, ValueError) as exc:
+            self._show_message(f"sweep taus: {exc}", error=True)
+            return
+        template = RunKey(0.0, self.metric.value, self.ablation.value, bool(self.positions.value),
+                          self.device.value)
+        cached = self._sweep_series(template)
+        todo = sorted({t for t in wanted if t not in cached})
+        if not todo:
+            self.sweep_status.value = f"all {len(wanted)} taus are cached"
+            return
+        self._sweep_cancel.clear()
+        self._sweep_thread = threading.Thread(
+            target=self._sweep_work, args=(todo, template, executor or self.sweep_executor.value, options),
+            daemon=True, name="acdc-viz-sweep")
+        self._sweep_thread.start()
+        self._sync_sweep_buttons()
+
+    def cancel_sweep(self) -> None:
+        """Stop the sweep: the runs that finished stay cached (the ``Cancel`` button)."""
+        self._sweep_cancel.set()
+
+    def wait_sweep(self, timeout: float | None = None) -> None:
+        """Block until the background sweep ends (for scripts and tests)."""
+        thread = self._sweep_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _sweep_work(self, taus: list[float], template: RunKey, executor: str,
+                    options: dict[str, Any]) -> None:
+        counts = {"done": 0, "failed": 0}
+        self.sweep_status.value = f"sweep: 0 / {len(taus)} ({executor})"
+
+        def on_result(run: SweepRun) -> None:
+            counts["done" if run.ok else "failed"] += 1
+            if run.trace is not None:
+                key = RunKey(run.job.tau, template.metric, template.ablation, template.positions,
+                             template.device)
+                with self._sweep_lock:
+                    self.sweep_traces[key] = run.trace
+                self._refresh_sweep_plot()
+            else:
+                self.log.append_stdout(f"sweep: tau={run.job.tau:g} failed: {run.error}\n")
+            failed = f", {counts['failed']} failed" if counts["failed"] else ""
+            self.sweep_status.value = (f"sweep: {counts['done'] + counts['failed']} / {len(taus)}"
+                                       f"{failed} ({executor})")
+
+        # One torch thread per run, as in _work: a second OpenMP team next to the kernel's slows
+        # both down, and runs with equal thread counts give bit-identical traces.
+        options = {"num_cpus": 1} | options
+        try:
+            self.sweep_result = run_sweep(
+                self.model, taus, self.pairs, metric=self._metrics[template.metric],
+                ablation=template.ablation, positions=template.positions, device=template.device,
+                model_name=self.name, tokens=self.tokens, executor=executor, progress=False,
+                on_result=on_result, cancel=self._sweep_cancel, **options)
+        except Exception as exc:  # noqa: BLE001 - shown in the widget, never raised into the cell
+            self._show_error(exc)
+        else:
+            result = self.sweep_result
+            state = "cancelled" if result.cancelled else "done"
+            self.sweep_status.value += f": {state} in {result.wall_seconds:.1f} s"
+        finally:
+            self._sweep_thread = None
+            self._sync_sweep_buttons()
+
+    def _sweep_series(self, template: RunKey) -> dict[float, Trace]:
+        """tau -> complete trace, for the cached runs (swept or not) with the template's settings."""
+        def same(key: RunKey) -> bool:
+            return (key.metric, key.ablation, key.positions, key.device) == (
+                template.metric, template.ablation, template.positions, template.device)
+
+        series = {k.tau: acdc.trace for k, acdc in list(self.runs.items()) if same(k) and acdc.done}
+        with self._sweep_lock:
+            for key, trace in self.sweep_traces.items():
+                if same(key):
+                    series.setdefault(key.tau, trace)
+        return dict(sorted(series.items()))
+
+    def _refresh_sweep_plot(self) -> None:
+        """The sweep plot shows every complete run of the current settings, the open one larger."""
+        template = RunKey(0.0, self.metric.value, self.ablation.value, bool(self.positions.value),
+                          self.device.value)
+        series = self._sweep_series(template)
+        taus = list(series)
+        selected = self.tau
+        sizes = [11 if t == selected else 6 for t in taus]
+        with self.sweep_plot.batch_update():
+            metric, kept = self.sweep_plot.data
+            metric.x = kept.x = taus
+            metric.y = [t.final_metric for t in series.values()]
+            kept.y = [len(t.final_kept_edges) for t in series.values()]
+            metric.marker.size = kept.marker.size = sizes
+
+    def _on_sweep_click(self, series: Any, points: Any, _selector: Any) -> None:
+        if points.point_inds:
+            self.select_tau(float(series.x[points.point_inds[0]]))
+
+    def select_tau(self, tau: float) -> None:
+        """Open the run at ``tau`` with the current settings (what a click on the sweep plot does)."""
+        text = repr(float(tau))
+        if self.tau_text.value == text:
+            self._select_run()
+        else:
+            self.tau_text.value = text
+
+    def _sync_sweep_buttons(self) -> None:
+        sweeping = self.sweeping
+        self.sweep_buttons["Sweep"].disabled = sweeping
+        self.sweep_buttons["Cancel"].disabled = not sweeping
 
     # ----- drawing -------------------------------------------------------------------------------
 

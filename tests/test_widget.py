@@ -113,7 +113,11 @@ def test_layout_and_positions_keep_the_trace(explorer):
 def test_an_error_in_a_run_is_shown_and_the_trace_survives(explorer, monkeypatch):
     explorer.step()
     explorer.wait()
-    monkeypatch.setattr(explorer.acdc.runner, "logits_for", lambda edge: 1 / 0)
+    def failing_steps():                    # independent of the engine's internals
+        yield from ()
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(explorer.acdc, "steps", failing_steps)
     explorer.run()
     explorer.wait()
     assert "ZeroDivisionError" in explorer.message.value and len(explorer.trace.steps) == 1
@@ -169,3 +173,59 @@ def test_explorer_on_a_bundled_task_by_name(tmp_path):
     ex.run()
     ex.wait()
     assert ex.acdc.done and ex.trace.tokens[0] == "BOS"
+
+
+def test_sweep_fills_the_cache_and_the_tau_plot(explorer, gpt2):
+    from plotly.callbacks import Points
+
+    from acdc_viz import Acdc
+
+    assert tuple(b.description for b in explorer.sweep_buttons.values()) == ("Sweep", "Cancel")
+    explorer.sweep_taus.value = "1e-4,1e-3,1e-2"
+    explorer.sweep_buttons["Sweep"].click()
+    explorer.wait_sweep()
+    assert not explorer.sweeping and "3 / 3" in explorer.sweep_status.value
+    metric, kept = explorer.sweep_plot.data
+    assert list(kept.x) == [1e-4, 1e-3, 1e-2] and explorer.sweep_plot.layout.xaxis.type == "log"
+    traces = [explorer.sweep_traces[k] for k in sorted(explorer.sweep_traces, key=lambda k: k.tau)]
+    assert list(kept.y) == [len(t.final_kept_edges) for t in traces]
+    assert list(metric.y) == [t.final_metric for t in traces]
+    assert len(explorer.trace.steps) == 0              # the open run (tau 1e-3) is not touched ...
+
+    kept._dispatch_on_click(Points(point_inds=[2], xs=[1e-2], ys=[kept.y[2]], trace_name="edges kept",
+                                   trace_index=1), None)
+    assert explorer.tau == 1e-2 and explorer.acdc.done and "from the sweep" in explorer.message.value
+    assert not explorer.running and explorer.buttons["Run"].disabled          # nothing to compute
+    alone = Acdc(gpt2, explorer.pairs, tau=1e-2, model_name="tiny").run()
+    assert explorer.trace.canonical_json() == alone.canonical_json()
+    assert "step 75 / 75" in explorer.status.value
+    assert list(kept.marker.size) == [6, 6, 11]        # the open run is marked
+
+    explorer.select_tau(1e-3)                          # ... until it is opened: then the sweep's
+    assert explorer.acdc.done and len(explorer.trace.steps) == 75
+    explorer.sweep()                                   # everything is cached: nothing to run
+    assert not explorer.sweeping and "cached" in explorer.sweep_status.value
+
+
+def test_reset_forgets_a_swept_run(explorer):
+    explorer.sweep(taus=[1e-3])
+    explorer.wait_sweep()
+    explorer.select_tau(1e-3)
+    assert explorer.acdc.done
+    click(explorer, "Reset")
+    assert len(explorer.trace.steps) == 0 and not explorer.buttons["Run"].disabled
+
+
+def test_cancel_stops_a_sweep_and_keeps_what_finished(explorer):
+    explorer.sweep(taus="1e-5:1e-1:12")
+    explorer.cancel_sweep()
+    explorer.wait_sweep()
+    assert not explorer.sweeping and explorer.sweep_result.cancelled
+    assert len(explorer.sweep_traces) < 12 and "cancelled" in explorer.sweep_status.value
+    assert not explorer.sweep_buttons["Sweep"].disabled and explorer.sweep_buttons["Cancel"].disabled
+
+
+def test_bad_sweep_taus_are_flagged(explorer):
+    explorer.sweep_taus.value = "1e-3:oops"
+    explorer.sweep()
+    assert not explorer.sweeping and "sweep taus" in explorer.message.value
