@@ -95,3 +95,52 @@ def test_errors_are_clear_and_write_nothing(tmp_path, capsys):
     assert "truncated" in error_of(capsys, ["run", "--resume", str(truncated), "--out", str(out)])
     assert "hub" in error_of(capsys, ["run", "--model", "gpt2", "--data", str(ragged), "--out", str(out)])
     assert not out.exists()
+
+
+def test_sweep_writes_traces_and_a_summary_then_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--task", "tracr-proportion", "--taus", "1e-4,1e-2,1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [r["tau"] for r in summary["runs"]] == [1e-4, 1e-2, 1.0]
+    assert [r["kept_edges"] for r in summary["runs"]] == [5, 5, 0]
+    assert summary["auc"][0]["edge_auc"] == 1.0 and summary["counts"]["done"] == 3
+    assert json.loads((out / "summary.json").read_text())["runs"] == summary["runs"]
+    for row in summary["runs"]:
+        assert load_trace(out / row["trace"]).is_complete
+    assert main(argv) == 0                                   # everything is there: nothing runs
+    assert json.loads(capsys.readouterr().out)["counts"] == {"done": 0, "skipped": 3, "failed": 0}
+    assert main([*argv, "--taus", "1e-4,1e-3", "--ablation", "zero,resample"]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts == {"done": 3, "skipped": 1, "failed": 0}   # zero@1e-4 was there already
+
+
+def test_sweep_with_a_failing_tau_exits_non_zero_and_keeps_the_rest(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    sweep_module = importlib.import_module("acdc_viz.sweep")
+    real = sweep_module.run_job
+
+    def run_job(job, *args, **kwargs):
+        if job.tau == 1e-2:
+            raise RuntimeError("this tau is cursed")
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_job", run_job)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--task", "tracr-proportion", "--taus", "1e-4,1e-2,1", "--out", str(out),
+                 "--quiet"]) == 2
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert [r["status"] for r in summary["runs"]] == ["done", "failed", "done"]
+    assert summary["runs"][1]["error"] == "RuntimeError: this tau is cursed"
+    assert summary["runs"][1]["attempts"] == 2 and "cursed" in captured.err
+    assert len(list(out.glob("*.json"))) == 3                 # two traces and the summary
+
+
+def test_sweep_usage_errors(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert "unknown task" in error_of(capsys, ["sweep", "--task", "nope", "--out", str(out)])
+    assert "tau range" in error_of(capsys, ["sweep", "--task", "induction", "--taus", "1:0:3", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["sweep", "--task", "induction", "--ablation", "blur", "--out", str(out)])
