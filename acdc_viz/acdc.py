@@ -119,7 +119,8 @@ class Acdc:
             trace's settings say ``"approximate": true``).
         batch_hypotheses: K, how many edges to test speculatively in one batched pass: the
             hypotheses "circuit minus e1", "minus e1 and e2", ... are stacked along the batch and
-            walked in order until the first kept edge. The result is identical for every K.
+            walked in order until the first kept edge; a chain stays within one destination
+            block and stage. The result is identical for every K.
             ``None`` picks K from the device (free GPU memory; 1 on CPU). K halves after an
             out-of-memory error instead of failing.
         test_mode: re-check every step through a full hooked forward pass of ``model``, and raise
@@ -190,7 +191,10 @@ class Acdc:
         self.runner = CircuitRunner(self.weights, self.graph, clean, corrupt, ablation,  # type: ignore[arg-type]
                                     last_position_only=self.metric.last_position_only)
         self.batch_hypotheses = batch_hypotheses or self._auto_hypotheses()
-        initial = self.metric(self.runner.full_logits, self.runner.full_logits)
+        # Metrics of half-precision runs are computed in float32: a KL of bfloat16 logits is
+        # noise at the size of a typical tau.
+        self._full = self.runner.full_logits.float() if self.dtype in APPROXIMATE_DTYPES else self.runner.full_logits
+        initial = self.metric(self._full, self._full)
         self.trace = Trace(
             settings={
                 "model": {"name": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or "model",
@@ -263,12 +267,16 @@ class Acdc:
     def _chain_metrics(self, chain: tuple[Edge, ...]) -> list[float]:
         """The metric of each hypothesis of the chain, with one device-to-host copy."""
         logits = self.runner.chain_logits(chain)
-        return self.metric.many(logits, self.runner.full_logits).double().tolist()
+        return self.metric.many(logits.to(self._full.dtype), self._full).double().tolist()
 
     def _evaluate(self, index: int) -> tuple[tuple[Edge, ...], list[float]]:
         """Evaluate the chain of edges from ``index``; on out-of-memory, halve K and retry."""
         while True:
             chain = self.graph.edges[index: index + self.batch_hypotheses]
+            # A pass starts at its lowest destination: keep a chain within one destination
+            # group, so that no hypothesis is recomputed from below its own block.
+            start = self.runner.start_of(chain[0])
+            chain = chain[: next((i for i, e in enumerate(chain) if self.runner.start_of(e) != start), len(chain))]
             try:
                 return chain, self._chain_metrics(chain)
             except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -337,7 +345,7 @@ class Acdc:
         logits = hooked_logits(self.model, self._clean, self._corrupt,
                                removed_edges, self.ablation,
                                last_position_only=self.metric.last_position_only)
-        slow_after = self.metric(logits.to(self.dtype), self.runner.full_logits)
+        slow_after = self.metric(logits.to(self.dtype).to(self._full.dtype), self._full)
         tol = 1e-4 * max(1.0, abs(slow_after))
         slow_removed = self._decide(slow_after - self.current_metric)
         if abs(slow_after - fast_after) > tol or (slow_removed != removed and abs(fast_after - self.current_metric - self.tau) > tol):
@@ -348,7 +356,7 @@ class Acdc:
 
     def final_metric_from_scratch(self) -> float:
         """Recompute the kept circuit's metric with one full forward pass from the embeddings."""
-        return self.metric(self.runner.logits_from(0, "attn"), self.runner.full_logits)
+        return self.metric(self.runner.logits_from(0, "attn").to(self._full.dtype), self._full)
 
 
 def _model_device(model: Any) -> torch.device:

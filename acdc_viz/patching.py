@@ -466,6 +466,11 @@ class CircuitRunner:
             self._adopt(*self._pending)
         self._pending = None
 
+    @staticmethod
+    def start_of(edge: Edge) -> tuple[int, Stage]:
+        """Where a pass that tests ``edge`` starts: its destination's block and stage."""
+        return _stage_of(edge)
+
     def chain_logits(self, edges: list[Edge] | tuple[Edge, ...]) -> torch.Tensor:
         """Logits (len(edges), batch, ...) of the hypotheses "the circuit minus edges[:j+1]".
 

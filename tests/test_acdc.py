@@ -225,7 +225,8 @@ def test_out_of_memory_halves_the_hypotheses(gpt2, monkeypatch):
 
     monkeypatch.setattr(acdc.runner, "chain_logits", small_device)
     assert_same_decisions(acdc.run(), expected)
-    assert sizes[:3] == [16, 8, 4] and acdc.batch_hypotheses == 4
+    # The first chain is Out's 9 edges (a chain stays within one destination block), then 4.
+    assert sizes[:2] == [9, 4] and max(sizes[1:]) == 4 and acdc.batch_hypotheses == 4
 
 
 def test_half_precision_is_flagged_approximate(gpt2):
