@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from explorer_page import edge_paths, explorer_status
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -36,7 +37,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--no-first-run"]
 VIEWPORT = {"width": 1280, "height": 800}
-STATUS = re.compile(r"step (\d+) / (\d+)\s*·\s*edges kept (\d+)")
 
 pytestmark = [
     pytest.mark.browser,
@@ -111,16 +111,6 @@ def app(tmp_path: Path) -> Iterator[App]:
         _stop(process)
 
 
-def _status(page) -> tuple[int, int, int] | None:
-    match = STATUS.search(page.locator(".acdc-explorer .acdc-status").inner_text().replace("\xa0", " "))
-    return None if match is None else tuple(int(g) for g in match.groups())
-
-
-def _edge_paths(page) -> list[str]:
-    return page.locator(".acdc-figure .js-plotly-plot .scatterlayer path.js-line").evaluate_all(
-        "paths => paths.map(p => p.getAttribute('d') || '')")
-
-
 def _wait(page, condition, timeout: float, what: str, app: App):
     deadline = time.monotonic() + timeout
     while True:
@@ -150,9 +140,10 @@ def test_app_serves_the_explorer_alone(app: App, tmp_path: Path) -> None:
             page.goto(app.url, timeout=120_000)
             # the kernel starts, imports torch and loads the model before the page fills in
             page.wait_for_selector(".acdc-explorer .acdc-status", timeout=150_000)
-            _wait(page, lambda: (s := _status(page)) and s[0] == 0 and s, 30, "step 0", app)
-            n_edges = _status(page)[1]
-            before = _wait(page, lambda: _edge_paths(page), 30, "the seq-graph's edges to be drawn", app)
+            explorer = page.locator(".acdc-explorer")
+            _wait(page, lambda: (s := explorer_status(explorer)) and s[0] == 0 and s, 30, "step 0", app)
+            n_edges = explorer_status(explorer)[1]
+            before = _wait(page, lambda: edge_paths(explorer), 30, "the seq-graph's edges to be drawn", app)
 
             # no code: the cell's input is stripped
             assert page.locator(".jp-InputArea, .jp-InputArea-editor, .cm-editor, .CodeMirror").count() == 0
@@ -165,10 +156,10 @@ def test_app_serves_the_explorer_alone(app: App, tmp_path: Path) -> None:
             step = page.locator(".acdc-explorer button", has_text=re.compile("^Step$"))
             _wait(page, step.is_enabled, 30, "Step to be enabled", app)
             step.click()
-            _wait(page, lambda: (s := _status(page)) and s[0] == 1, 60, "the status to show step 1", app)
+            _wait(page, lambda: (s := explorer_status(explorer)) and s[0] == 1, 60, "the status to show step 1", app)
             assert page.locator(".acdc-explorer .acdc-status").inner_text().replace("\xa0", " ") \
                 .startswith(f"step 1 / {n_edges}")
-            _wait(page, lambda: (d := _edge_paths(page)) != before and d, 15,
+            _wait(page, lambda: (d := edge_paths(explorer)) != before and d, 15,
                   "the seq-graph to change after Step", app)
             _wait(page, step.is_enabled, 30, "the step to finish", app)
             _shot(page, shots / "app-step.png")

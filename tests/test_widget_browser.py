@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from explorer_page import edge_paths, explorer_status
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "notebooks" / "01_quickstart.ipynb"
@@ -59,7 +60,6 @@ pytestmark = [
                        reason="needs /usr/bin/chromium (apt-get install -y chromium; `make browser`)"),
 ]
 
-STATUS = re.compile(r"step (\d+) / (\d+)\s*·\s*edges kept (\d+)")
 CLI_SUMMARY = re.compile(r"edges kept (\d+) of (\d+)")
 
 
@@ -224,17 +224,6 @@ class Notebook:
         return bool(idle) and indicator.count() > 0
 
 
-def _status(explorer) -> tuple[int, int, int] | None:
-    match = STATUS.search(explorer.locator(".acdc-status").inner_text().replace("\xa0", " "))
-    return None if match is None else tuple(int(g) for g in match.groups())
-
-
-def _edge_paths(explorer) -> list[str]:
-    """The ``d`` of every line path drawn in the seq-graph (not the small history plot)."""
-    return explorer.locator(".acdc-figure .js-plotly-plot .scatterlayer path.js-line").evaluate_all(
-        "paths => paths.map(p => p.getAttribute('d') || '')")
-
-
 _SCROLLERS = """e => {
   const out = e.closest('.jp-OutputArea-output') || e;
   const scrolls = (x, axis) => {
@@ -336,21 +325,21 @@ def _drive(nb: Notebook, tau: float) -> int:
               for name in ("Run", "Step", "Reset")}
     # the quickstart ran the Explorer to the end from code: back to the full graph
     button["Reset"].click()
-    status = nb.wait_until(lambda: (s := _status(explorer)) and s[0] == 0 and s[1] == s[2] and s,
+    status = nb.wait_until(lambda: (s := explorer_status(explorer)) and s[0] == 0 and s[1] == s[2] and s,
                            30, "Reset to show step 0 and every edge kept")
     n_edges = status[1]
     _show_widget(nb, explorer)
-    nb.wait_until(lambda: _edge_paths(explorer), 10, "the seq-graph's edges to be drawn")
+    nb.wait_until(lambda: edge_paths(explorer), 10, "the seq-graph's edges to be drawn")
     nb.screenshot("start")
-    before = _edge_paths(explorer)
+    before = edge_paths(explorer)
     _check_layout(explorer)
 
     for k in (1, 2, 3):
         nb.wait_until(button["Step"].is_enabled, 30, f"Step to be enabled (before step {k})")
         button["Step"].click()
-        nb.wait_until(lambda k=k: (s := _status(explorer)) and s[0] == k, 30, f"the status to show step {k}")
+        nb.wait_until(lambda k=k: (s := explorer_status(explorer)) and s[0] == k, 30, f"the status to show step {k}")
     assert explorer.locator(".acdc-status").inner_text().replace("\xa0", " ").startswith(f"step 3 / {n_edges}")
-    after = nb.wait_until(lambda: (d := _edge_paths(explorer)) != before and d, 10,
+    after = nb.wait_until(lambda: (d := edge_paths(explorer)) != before and d, 10,
                           "the seq-graph's edges to change after three steps")
     assert after != before
     nb.wait_until(button["Step"].is_enabled, 30, "the third step to finish")
@@ -371,7 +360,7 @@ def _drive(nb: Notebook, tau: float) -> int:
     box.fill(f"{tau:g}")
     box.press("Enter")
     nb.wait_until(lambda: f"tau {tau:g}" in explorer.locator(".acdc-status").inner_text()
-                  and (s := _status(explorer)) and s[0] == 0, 30, f"the widget to switch to tau {tau:g}")
+                  and (s := explorer_status(explorer)) and s[0] == 0, 30, f"the widget to switch to tau {tau:g}")
     assert not explorer.locator(".acdc-tau-text.acdc-invalid").count()
     nb.wait_until(button["Run"].is_enabled, 10, "Run to be enabled")
     button["Run"].click()
@@ -379,7 +368,7 @@ def _drive(nb: Notebook, tau: float) -> int:
         nb.screenshot("running")   # best effort: the bundled run takes only seconds
     nb.wait_until(lambda: "complete" in explorer.locator(".acdc-status").inner_text(), 90,
                   "the run to complete")
-    final = _status(explorer)
+    final = explorer_status(explorer)
     assert final[0] == final[1] == n_edges
     nb.mark("run complete")
     page.wait_for_timeout(300)     # let plotly finish the last redraw
