@@ -35,7 +35,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 
 
 APPROXIMATE_DTYPES = (torch.bfloat16, torch.float16)
-MAX_HYPOTHESES = 64
+MAX_HYPOTHESES = 256          # the most hypotheses per pass that automatic K uses on a GPU
+MAX_HYPOTHESES_CPU = 32
 
 
 class ApproximateWarning(UserWarning):
@@ -121,8 +122,13 @@ class Acdc:
             hypotheses "circuit minus e1", "minus e1 and e2", ... are stacked along the batch and
             walked in order until the first kept edge; a chain stays within one destination
             block and stage. The result is identical for every K.
-            ``None`` picks K from the device (free GPU memory; 1 on CPU). K halves after an
-            out-of-memory error instead of failing.
+            ``None`` (the default) adapts K as the run goes: it doubles while whole chains are
+            removed and falls back to the length of the last run of removals when an edge is
+            kept, up to a maximum from the device (free GPU memory, at most 256; 32 on CPU).
+            Hypotheses that nothing above the tested block can tell apart (most of them, in a
+            sparse circuit) share their computation, so long chains are cheap there; in a dense
+            circuit, short ones waste less. K halves after an out-of-memory error instead of
+            failing.
         test_mode: re-check every step through a full hooked forward pass of ``model``, and raise
             ``DecisionMismatch`` if it disagrees.
         resume: a stopped ``Trace`` of the same model, data and settings to continue.
@@ -190,7 +196,11 @@ class Acdc:
         self._clean, self._corrupt = clean, corrupt
         self.runner = CircuitRunner(self.weights, self.graph, clean, corrupt, ablation,  # type: ignore[arg-type]
                                     last_position_only=self.metric.last_position_only)
+        self.adaptive = batch_hypotheses is None
         self.batch_hypotheses = batch_hypotheses or self._auto_hypotheses()
+        self._chain_length = 1 if self.adaptive else self.batch_hypotheses
+        self._chain: list | None = None         # the chain being walked: start, edges, metrics, seconds, next
+        self._resume_at: int | None = None      # where a resumed run's first chain starts
         # Metrics of half-precision runs are computed in float32: a KL of bfloat16 logits is
         # noise at the size of a typical tau.
         self._full = self.runner.full_logits.float() if self.dtype in APPROXIMATE_DTYPES else self.runner.full_logits
@@ -228,12 +238,14 @@ class Acdc:
                     f"cannot resume: the trace was recorded with {key}={a!r}, this run has {key}={b!r}. "
                     "Resume with the same model, data and settings, or start a new run."
                 )
-        for step in old.steps:
+        start = self._interrupted_chain(old.steps)
+        for step in old.steps[:start]:
             if step.removed:
                 self.runner.set_removed(self.graph.edge(step.edge), True)
         self.trace.steps = list(old.steps)
         self.trace.tokens = self.trace.tokens or old.tokens
-        self.current_metric = old.metric_after(len(old.steps) - 1)
+        self.current_metric = old.metric_after(start - 1)
+        self._resume_at = start
         if len(old.steps) == len(self.graph.edges):
             self.trace.finish()
 
@@ -252,14 +264,15 @@ class Acdc:
         return self.trace.is_complete
 
     def _auto_hypotheses(self) -> int:
-        """K from the device: as many hypotheses as fit in half the free GPU memory; 1 on CPU,
-        where a pass costs in proportion to its batch and a discarded hypothesis is pure waste."""
+        """The most hypotheses per pass for automatic K: 32 on CPU; on a GPU, as many as fit in
+        half the free memory when a few blocks' worth of activations differ per hypothesis (a
+        denser pass that does not fit halves K)."""
         if self.device.type != "cuda":
-            return 1
+            return MAX_HYPOTHESES_CPU
         free, _ = torch.cuda.mem_get_info(self.device)
         w, p = self.weights, self.pairs
         d, elt = int(w.W_E.shape[1]), torch.finfo(self.dtype).bits // 8
-        per_position = d * (len(self.graph.sources) + 3 * w.n_heads + 8) + w.n_heads * p.seq_len
+        per_position = d * (4 * w.n_heads + 8) + w.n_heads * p.seq_len
         outputs = w.d_vocab * 3 * (1 if self.metric.last_position_only else p.seq_len)
         per_hypothesis = elt * p.batch_size * (p.seq_len * per_position + outputs)
         return max(1, min(MAX_HYPOTHESES, int(0.5 * free / per_hypothesis)))
@@ -267,21 +280,20 @@ class Acdc:
     def _chain_metrics(self, chain: tuple[Edge, ...]) -> list[float]:
         """The metric of each hypothesis of the chain, with one device-to-host copy."""
         logits = self.runner.chain_logits(chain)
+        if len(chain) > 1 and logits.stride(0) == 0:      # every hypothesis has the same logits
+            return self.metric.many(logits[:1].to(self._full.dtype), self._full).double().tolist() * len(chain)
         return self.metric.many(logits.to(self._full.dtype), self._full).double().tolist()
 
     def _evaluate(self, index: int) -> tuple[tuple[Edge, ...], list[float]]:
         """Evaluate the chain of edges from ``index``; on out-of-memory, halve K and retry."""
         while True:
-            chain = self.graph.edges[index: index + self.batch_hypotheses]
-            # A pass starts at its lowest destination: keep a chain within one destination
-            # group, so that no hypothesis is recomputed from below its own block.
-            start = self.runner.start_of(chain[0])
-            chain = chain[: next((i for i, e in enumerate(chain) if self.runner.start_of(e) != start), len(chain))]
+            chain = self._chain_at(index)
             try:
                 return chain, self._chain_metrics(chain)
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 if len(chain) > 1:
                     self.batch_hypotheses = max(1, len(chain) // 2)
+                    self._chain_length = min(self._chain_length, self.batch_hypotheses)
                     log.warning("out of memory with %d hypotheses per pass; retrying with %d",
                                 len(chain), self.batch_hypotheses)
                     if self.device.type == "cuda":
@@ -297,37 +309,85 @@ class Acdc:
     def _decide(self, delta: float) -> bool:
         return (abs(delta) if self.abs_delta else delta) < self.tau
 
+    def _chain_at(self, index: int) -> tuple[Edge, ...]:
+        """The next chain from ``index``: at most K edges, within one destination group (a pass
+        starts at its lowest destination, so no hypothesis is recomputed from below its block)."""
+        chain = self.graph.edges[index: index + min(self._chain_length, self.batch_hypotheses)]
+        start = self.runner.start_of(chain[0])
+        return chain[: next((i for i, e in enumerate(chain) if self.runner.start_of(e) != start), len(chain))]
+
+    def _adapt(self, kept_at: int | None) -> None:
+        """Automatic K after a chain: double it while whole chains are removed, else fall back to
+        the run of removals that the kept edge (at chain position ``kept_at``) ended."""
+        if self.adaptive:
+            self._chain_length = (min(2 * self._chain_length, self.batch_hypotheses) if kept_at is None
+                                  else max(1, kept_at))
+
+    def _interrupted_chain(self, steps: list[Step]) -> int:
+        """Replays the chain schedule over recorded steps: where the chain that the stop cut
+        began. A resumed run evaluates that chain again, so that its floating-point sums are
+        those of an uninterrupted run."""
+        i = 0
+        while i < len(steps):
+            chain = self._chain_at(i)
+            if i + len(chain) > len(steps) and all(s.removed for s in steps[i:]):
+                return i
+            kept = next((j for j in range(len(chain)) if not steps[i + j].removed), None)
+            self._adapt(kept)
+            i += len(chain) if kept is None else kept + 1
+        return i
+
     def steps(self) -> Iterator[Step]:
         """Test the remaining edges one at a time, yielding a ``Step`` after each.
 
-        Edges are evaluated in chains of ``batch_hypotheses`` (see the class), but the steps come
+        Edges are evaluated in chains of hypotheses (see ``batch_hypotheses``), but the steps come
         out one per edge, in the visit order, exactly as with K = 1. A chain's time is booked on
-        its first step.
+        its first step. Stopping between steps and calling ``steps()`` again goes on with the
+        same chain.
         """
         edges = self.graph.edges
         while len(self.trace.steps) < len(edges):
-            start = time.perf_counter()
-            chain, afters = self._evaluate(len(self.trace.steps))
-            seconds = time.perf_counter() - start
-            for edge, after in zip(chain, afters):
+            if self._chain is None:
+                t0 = time.perf_counter()
+                start = self._resume_at if self._resume_at is not None else len(self.trace.steps)
+                self._resume_at = None
+                chain, afters = self._evaluate(start)
+                self._chain = [start, chain, afters, time.perf_counter() - t0, 0]
+            start, chain, afters, seconds, first = self._chain
+            for i in range(first, len(chain)):
+                edge, after, index = chain[i], afters[i], start + i
                 if not math.isfinite(after):
+                    self._chain = None
                     raise AcdcVizError(
                         f"the metric is {after} without edge {edge.name}; check the metric and the "
                         "model's dtype (float16 can overflow). The steps so far are kept in .trace."
                     )
-                removed = self._decide(after - self.current_metric)
-                if self.test_mode:
-                    self._check(edge, after, removed)
+                if index < len(self.trace.steps):     # recorded before a resume: walk it again
+                    removed = self.trace.steps[index].removed
+                else:
+                    removed = self._decide(after - self.current_metric)
+                    if self.test_mode:
+                        self._check(edge, after, removed)
                 if removed:
                     self.runner.accept(edge)
                     self.current_metric = after
-                step = self.trace.record(after, removed, seconds)
-                seconds = 0.0
-                if len(self.trace.steps) == len(edges):
-                    self.trace.finish()
-                yield step
-                if not removed:       # the later hypotheses assumed this edge removed
+                self._chain[4] = i + 1
+                if not removed:       # the later hypotheses assumed this edge removed: the chain ends
+                    self._adapt(i)
+                    self._chain = None
+                if index >= len(self.trace.steps):
+                    step = self.trace.record(after, removed, seconds)
+                    seconds = 0.0
+                    if self._chain is not None:
+                        self._chain[3] = 0.0
+                    if len(self.trace.steps) == len(edges):
+                        self.trace.finish()
+                    yield step
+                if not removed:
                     break
+            else:
+                self._adapt(None)
+                self._chain = None
 
     def run(self, callback: Callable[[Step], None] | None = None) -> Trace:
         """Run to the end and return the trace."""

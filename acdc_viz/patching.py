@@ -34,9 +34,10 @@ stream before ``ln1``, and the positions are no source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,15 +66,45 @@ class _Group:
 
 @dataclass
 class _Pass:
-    """What one batched pass evaluates."""
+    """What one batched pass evaluates, and what it has computed so far.
+
+    Positions are counted from ``lo``. A recomputed source is *shared* when its output is the same
+    for every hypothesis (computed at the batch's size) and *dependent* otherwise (n * batch).
+    """
 
     n: int                                   # hypotheses stacked along the batch
     lo: int                                  # first position computed (the causal prefix is reused)
     entries: dict[GroupKey, list[Entry]]     # the chain's edges, by destination group
-    work_base: int                           # first source recomputed in the pass
-    work: torch.Tensor                       # (sources >= work_base, n * batch, pos, d): ablated - current
-    stash: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None   # layer -> computed k, v
-    logits: torch.Tensor | None = None       # computed logits, for the all-positions cache
+    s0: int                                  # first source recomputed in the pass
+    base: torch.Tensor                       # (batch, pos, d): the stream, dependent sources ablated
+    work: torch.Tensor                       # (sources >= s0, batch, pos, d): ablated - output; 0 if dependent
+    stash: dict[int, list] | None = None     # layer -> computed keys and values, per head set
+    dep_sources: list[int] = field(default_factory=list)    # dependent sources, in slot order
+    dep_slot: dict[int, int] = field(default_factory=dict)
+    dep_work: torch.Tensor | None = None     # (slots, n * batch, pos, d): ablated - output
+    dep_total: torch.Tensor | None = None    # (n * batch, pos, d): the sum of dep_work
+    logits: tuple[torch.Tensor, bool] | None = None   # computed logits and whether per hypothesis
+
+
+@dataclass
+class _Inputs:
+    """A group's destination inputs in one pass (see ``CircuitRunner._inputs``)."""
+
+    active: list[int]                        # rows with an input of their own, ascending
+    dep_rows: list[int]                      # those of them that differ between hypotheses
+    x: torch.Tensor | None = None            # (active, batch, pos, d): shared part of each
+    x_dep: torch.Tensor | None = None        # (dep_rows, n * batch, pos, d)
+    plain: torch.Tensor | None = None        # (batch, pos, d): the stream, for the other rows
+    plain_dep: torch.Tensor | None = None    # (n * batch, pos, d): the same, when it differs
+
+    def kind(self, row: int) -> str:
+        """How a row's input is made: ``own`` / ``own_dep`` (its own, shared or per hypothesis)
+        or ``plain`` / ``plain_dep`` (the stream)."""
+        if row in self.dep_rows:
+            return "own_dep"
+        if row in self.active:
+            return "own"
+        return "plain" if self.plain_dep is None else "plain_dep"
 
 
 def _stage_of(edge: Edge) -> tuple[int, Stage]:
@@ -140,7 +171,7 @@ class CircuitRunner:
         self._accepted = 0
         self._pass: _Pass | None = None
         self._last_pass: _Pass | None = None
-        self._buffer = torch.empty(0, dtype=weights.dtype, device=weights.device)
+        self._buffers: dict[str, torch.Tensor] = {}
         del clean_run
 
         # One mask row per destination, in forward order: per layer 3*n_heads q/k/v rows
@@ -149,6 +180,7 @@ class CircuitRunner:
         n_rows = self.n_layers * self._row_stride + 1
         self.mask = torch.zeros(n_rows, self.n_src, self.n_pos, dtype=weights.dtype, device=weights.device)
         self._row_count = [0] * n_rows          # removed edges per row, kept on the host (no syncs)
+        self._removed_count = np.zeros((n_rows, self.n_src), dtype=np.int32)   # per row and source
         self._removed: set[tuple[int, int, int]] = set()
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.groups: dict[GroupKey, _Group] = {}
@@ -183,6 +215,7 @@ class CircuitRunner:
         (self._removed.add if removed else self._removed.remove)(key)
         self.mask[key] = 1.0 if removed else 0.0
         self._row_count[row] += 1 if removed else -1
+        self._removed_count[row, edge.src.index] += 1 if removed else -1
         group = self.groups[self._group_key(edge)]
         group.version += 1
         active = self._row_count[row] > 0
@@ -266,195 +299,314 @@ class CircuitRunner:
             return (mask[:, :, 0] @ values.reshape(values.shape[0], -1)).view(mask.shape[0], *values.shape[1:])
         return torch.einsum("rsp,sbpd->rbpd", mask, values)
 
-    def _correction(self, key: GroupKey, s_end: int, s0: int, lo: int) -> tuple[torch.Tensor | None, list[int]]:
-        """Corrections for a group whose sources are [0, s_end), at positions >= ``lo``.
+    def _mask(self, rows: list[int], sources: slice | list[int], lo: int) -> torch.Tensor:
+        """mask[rows][:, sources] at the positions >= lo (all of them without positions)."""
+        m = self.mask[self._idx(rows)]
+        m = m[:, sources] if isinstance(sources, slice) else m[:, self._idx(sources)]
+        return m[..., lo:] if self.n_pos > 1 else m
 
-        Returns ``(corr, rows)``: ``corr`` is (rows, n or 1, batch, positions, d_model), the
-        second axis being the pass's hypotheses (1 when they all share it); ``rows`` are the
-        mask rows it covers. Sources with index < s0 have their clean outputs in this pass, so
-        their part is cached until the group's mask changes; the rest use this pass's outputs.
+    def _fixed(self, group: _Group, s_fixed: int, lo: int) -> torch.Tensor:
+        """Corrections of the group's active rows from the sources below ``s_fixed``, which hold
+        their clean outputs in this pass: cached until the group's mask changes."""
+        key = (s_fixed, group.version, lo)
+        if group.cache_key != key:
+            group.cache = self._contract(self._mask(group.active, slice(0, s_fixed), lo),
+                                         self.diff_clean[:s_fixed, :, lo:])
+            group.cache_key = key
+        assert group.cache is not None
+        return group.cache
+
+    def _inputs(self, key: GroupKey, s_end: int, lo: int) -> _Inputs:
+        """The inputs of a group's destinations (sources [0, s_end)) at positions >= ``lo``.
+
+        With ``base`` the stream whose recomputed sources are shared outputs or, for dependent
+        sources, ablated values, a destination's input is
+
+            base + sum over removed sources of (ablated - output)          (shared sources)
+                 - sum over kept dependent sources of (ablated - output)   (per hypothesis)
+                 + the chain's edges into it, for the hypotheses that remove them.
+
+        Rows without any removed edge read the plain stream; only rows that keep an edge from a
+        dependent source, or that the chain changes, are computed per hypothesis.
         """
         ps, group = self._pass, self.groups[key]
+        assert ps is not None
         entries = ps.entries.get(key, [])
         if entries and self.n_pos > 1:
             entries = [e for e in entries if e[3] >= lo]
-        rows = group.active if not entries else sorted({*group.active, *(e[1] for e in entries)})
-        if not rows:
-            return None, rows
-        s_fixed = min(s0, s_end)
-        index = {r: i for i, r in enumerate(rows)}
-        n_pos = self.seq_len - lo
-        shape = (len(rows), 1, self.batch, n_pos, self.diff_clean.shape[-1])
+        chain_rows = {e[1] for e in entries}
+        active = sorted({*group.active, *chain_rows})
+        s0, at = ps.s0, lo - ps.lo
+        base = ps.base[:, at:]
+        dep_sources = [s for s in ps.dep_sources if s < s_end]
+        dep = set(chain_rows)
+        if dep_sources and active:
+            kept = self._removed_count[np.ix_(active, dep_sources)] < self.n_pos
+            dep.update(r for r, k in zip(active, kept.any(1)) if k)
+        inp = _Inputs(active=active, dep_rows=[r for r in active if r in dep])
+        if len(active) < len(group.rows):                  # rows that read the plain stream
+            if ps.dep_total is None:
+                inp.plain = base
+            else:
+                inp.plain_dep = (base.unsqueeze(0) - ps.dep_total[:, at:].view(ps.n, self.batch, *base.shape[1:])
+                                 ).view(-1, *base.shape[1:])
+        if not active:
+            return inp
+
+        x = base.expand(len(active), *base.shape).clone()
         if group.active:
-            cache_key = (s_fixed, group.version, lo)
-            if group.cache_key != cache_key:
-                mask = self.mask[self._idx(group.active)][:, :s_fixed]
-                if self.n_pos > 1:
-                    mask = mask[..., lo:]
-                group.cache = self._contract(mask, self.diff_clean[:s_fixed, :, lo:])
-                group.cache_key = cache_key
-            assert group.cache is not None
-            if len(rows) == len(group.active):
-                corr = group.cache.unsqueeze(1)
+            fixed = self._fixed(group, min(s0, s_end), lo)
+            if len(group.active) == len(active):
+                x += fixed
             else:
-                corr = self.diff_clean.new_zeros(shape)
-                corr[self._idx([index[r] for r in group.active])] = group.cache.unsqueeze(1)
-        else:
-            corr = self.diff_clean.new_zeros(shape)
+                x[self._idx([active.index(r) for r in group.active])] += fixed
+        if s_end > s0:                                     # removed edges from shared sources
+            x += self._contract(self._mask(active, slice(s0, s_end), lo), ps.work[: s_end - s0, :, at:])
+        inp.x = x
+        if not inp.dep_rows:
+            return inp
 
-        fixed = [e for e in entries if e[2] < s_fixed]
-        if fixed:      # the chain's edges from clean sources: hypothesis j has those of 0..j
-            erows = sorted({e[1] for e in fixed})
-            add = self.diff_clean.new_zeros((len(erows), ps.n, *shape[2:]))
-            for j, row, src, pos in fixed:
-                target = add[erows.index(row), j]
-                if self.n_pos == 1:
-                    target += self.diff_clean[src, :, lo:]
-                else:
-                    target[:, pos - lo] += self.diff_clean[src, :, pos]
-            corr = corr.expand(-1, ps.n, -1, -1, -1).clone()
-            corr[self._idx([index[r] for r in erows])] += add.cumsum(1)
-
-        if s_end > s0:   # sources recomputed in this pass
-            mask = self.mask[self._idx(rows)][:, s0:s_end]
-            if self.n_pos > 1:
-                mask = mask[..., lo:]
-            work = ps.work[s0 - ps.work_base: s_end - ps.work_base, :, lo:]
-            recomputed = [e for e in entries if e[2] >= s0]
-            if recomputed:
-                masks = mask.unsqueeze(0).repeat(ps.n, 1, 1, 1)
-                for j, row, src, pos in recomputed:
-                    masks[j:, index[row], src - s0, 0 if self.n_pos == 1 else pos - lo] = 1.0
-                work = work.reshape(work.shape[0], ps.n, self.batch, *work.shape[2:])
-                if self.n_pos == 1:
-                    rec = torch.einsum("jrs,sjbpd->rjbpd", masks[..., 0], work)
-                else:
-                    rec = torch.einsum("jrsp,sjbpd->rjbpd", masks, work)
+        n, shape = ps.n, (len(inp.dep_rows), ps.n, *x.shape[1:])
+        xd = x[self._idx([active.index(r) for r in inp.dep_rows])].unsqueeze(1).expand(shape).clone()
+        if dep_sources:                                    # kept edges from dependent sources
+            used = [s for s, k in zip(dep_sources, (self._removed_count[np.ix_(inp.dep_rows, dep_sources)]
+                                                      < self.n_pos).any(0)) if k]
+            if used:
+                slots = [ps.dep_slot[s] for s in used]
+                keep = 1.0 - self._mask(inp.dep_rows, used, lo)
+                values = ps.dep_work[self._idx(slots)][:, :, at:]
+                xd -= self._contract(keep, values).view(shape)
+        fixed_entries = [e for e in entries if e[2] < s0]
+        if fixed_entries:
+            xd += self._chain_correction(inp.dep_rows, fixed_entries, lo)
+        for j, row, src, pos in (e for e in entries if e[2] >= s0):    # chains across groups only
+            target = xd[inp.dep_rows.index(row), j:]
+            p = slice(None) if self.n_pos == 1 else slice(pos - lo, pos - lo + 1)
+            if src in ps.dep_slot:
+                target[..., p, :] += ps.dep_work[ps.dep_slot[src], :, at:].view(n, self.batch, *x.shape[2:])[j:, :, p]
             else:
-                rec = self._contract(mask, work).view(len(rows), ps.n, *shape[2:])
-            corr = corr + rec
-        return corr, rows
+                target[..., p, :] += ps.work[src - s0, :, at:][:, p]
+        inp.x_dep = xd.view(len(inp.dep_rows), n * self.batch, *x.shape[2:])
+        return inp
 
-    def _with(self, resid: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
-        """Each correction row added to the stream: (rows, n * batch, pos, d)."""
-        n = self._pass.n
-        x = resid.view(1, n, self.batch, *resid.shape[1:]) + corr
-        return x.reshape(corr.shape[0], n * self.batch, *resid.shape[1:])
-
-    def _attention(self, layer: int, resid: torch.Tensor, s0: int, kv_lo: int, q_lo: int) -> torch.Tensor:
-        """The residual stream after the attention of ``layer``, at positions >= ``q_lo``.
-
-        ``resid`` holds positions >= ``kv_lo``; keys and values there are computed, the earlier
-        ones come from the current circuit's cache. Queries and outputs only at >= ``q_lo``
-        (the last position, when nothing above reads the others).
-        """
-        ps, lw = self._pass, self.w.layers[layer]
-        corr, rows = self._correction((layer, "qkv"), self._head0[layer], s0, kv_lo)
-        base, n_heads, qr = layer * self._row_stride, self.n_heads, q_lo - kv_lo
-        normed = None
-        qkv = []
-        biases = self.w.qkv_biases(layer, q_lo, kv_lo, self.seq_len)   # (heads, pos or 1, d_head)
-        for letter, (W, b) in enumerate(zip((lw.W_Q, lw.W_K, lw.W_V), biases)):
-            sel = [i for i, r in enumerate(rows) if (r - base) // n_heads == letter]
-            heads = [rows[i] - base - letter * n_heads for i in sel]
-            p = slice(qr, None) if letter == 0 else slice(None)
-            if len(heads) < n_heads:                  # some heads read the plain stream
-                if normed is None:
-                    normed = lw.ln1(resid)
-                out = torch.einsum("bpd,hde->bhpe", normed[:, p], W) + b[None]
-            if heads:                                 # each corrected head reads its own input
-                assert corr is not None
-                hi = self._idx(heads)
-                x = lw.ln1(self._with(resid[:, p], corr[self._idx(sel)][..., p, :]))
-                fixed = torch.einsum("rbpd,rde->brpe", x, W[hi]) + b[hi][None]
-                if len(heads) == n_heads:             # heads are ascending: rows are sorted
-                    out = fixed
-                else:
-                    out[:, hi] = fixed
-            qkv.append(out)
-        q, k, v = qkv
-        if ps.stash is not None:
-            ps.stash[layer] = (k, v)
-        if kv_lo > 0:
-            k0, v0 = (t[:, :, :kv_lo].repeat(ps.n, 1, 1, 1) for t in self.kv_current[layer])
-            k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
-        mask, causal = None, False
-        if self.w.causal and q.shape[2] > 1:
-            if q_lo == 0:
-                causal = True
-            else:
-                keys = torch.arange(self.seq_len, device=q.device)
-                mask = keys[None, :] <= (q_lo + torch.arange(q.shape[2], device=q.device))[:, None]
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / lw.attn_scale)
-        heads_out = torch.einsum("bhpe,hed->hbpd", z, lw.W_O)    # (heads, n * batch, pos, d_model)
-        h0 = self._head0[layer] - ps.work_base
-        self._store(h0, h0 + n_heads, self._head0[layer], q_lo, heads_out)
-        return resid[:, qr:] + heads_out.sum(0) + lw.b_O
-
-    def _store(self, w0: int, w1: int, s: int, lo: int, out: torch.Tensor) -> None:
-        """work[w0:w1] = ablated - out, at positions >= lo, for every hypothesis."""
+    def _chain_correction(self, rows: list[int], entries: list[Entry], lo: int) -> torch.Tensor:
+        """(rows, n, batch, positions, d): hypothesis j gets (ablated - clean) of the chain's edges
+        0..j into each row: one product of cumulative 0/1 coefficients with the sources' values."""
         ps = self._pass
-        target = ps.work[w0:w1, :, lo:].view(w1 - w0, ps.n, self.batch, *out.shape[2:])
-        torch.sub(self.ablated[s: s + w1 - w0, None, :, lo:], out.reshape(target.shape), out=target)
+        sources = sorted({e[2] for e in entries})
+        n_pos = self.seq_len - lo if self.n_pos > 1 else 1
+        index = torch.tensor([[rows.index(r), j, sources.index(s), 0 if self.n_pos == 1 else p - lo]
+                              for j, r, s, p in entries], dtype=torch.long)
+        if self.mask.is_cuda:
+            index = index.pin_memory().to(self.mask.device, non_blocking=True)
+        coef = self.mask.new_zeros(len(rows), ps.n, len(sources), n_pos)
+        coef.index_put_(tuple(index.T), coef.new_ones(len(entries)), accumulate=True)
+        coef = coef.cumsum(1).flatten(0, 1)
+        values = self.diff_clean[self._idx(sources)][:, :, lo:]
+        return self._contract(coef, values).view(len(rows), ps.n, *values.shape[1:])
 
-    def _mlp(self, layer: int, resid: torch.Tensor, s0: int, lo: int) -> torch.Tensor:
-        """The MLP's output for ``resid`` (the stream at positions >= ``lo``)."""
-        lw = self.w.layers[layer]
-        src = self._mlp_src[layer]
-        corr, _ = self._correction((layer, "mlp"), src, s0, lo)
-        out = lw.mlp(resid if corr is None else self._with(resid, corr)[0], self.w.act)
-        self._store(src - self._pass.work_base, src - self._pass.work_base + 1, src, lo, out.unsqueeze(0))
+    @staticmethod
+    def _norm_proj(norm, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, per_row: bool) -> torch.Tensor:
+        """q, k or v (batch, heads, pos, d_head): one input for all heads, or one per head."""
+        if per_row:
+            return torch.einsum("rbpd,rde->brpe", norm(x), W) + b[None]
+        return torch.einsum("bpd,hde->bhpe", norm(x), W) + b[None]
+
+    def _attention(self, layer: int, q_lo: int) -> None:
+        """The attention of ``layer``: keys and values at positions >= the pass's ``lo`` (earlier
+        ones from the current circuit's cache), queries and outputs at >= ``q_lo``. Heads whose
+        q, k and v are the same for all hypotheses are computed once, the others per hypothesis."""
+        ps, lw = self._pass, self.w.layers[layer]
+        assert ps is not None
+        n_heads, first_row, lo = self.n_heads, layer * self._row_stride, ps.lo
+        inp = self._inputs((layer, "qkv"), self._head0[layer], lo)
+        dep_heads = sorted({(r - first_row) % n_heads for r in range(first_row, first_row + 3 * n_heads)
+                            if inp.kind(r) in ("plain_dep", "own_dep")})
+        sh_heads = [h for h in range(n_heads) if h not in dep_heads]
+        biases = self.w.qkv_biases(layer, q_lo, lo, self.seq_len)
+        shared, dependent = [], []
+        for letter, (W, b) in enumerate(zip((lw.W_Q, lw.W_K, lw.W_V), biases)):
+            p = slice(q_lo - lo, None) if letter == 0 else slice(None)
+            rows = [first_row + letter * n_heads + h for h in range(n_heads)]
+            out = self._project(lw.ln1, W, b, p, inp, rows, range(n_heads), False, None)
+            shared.append(out)
+            if dep_heads:
+                dependent.append(self._project(lw.ln1, W, b, p, inp, rows, dep_heads, True, out))
+
+        outputs: dict[bool, torch.Tensor] = {}
+        for heads, qkv, dep in ((sh_heads, shared, False), (dep_heads, dependent, True)):
+            if not heads:
+                continue
+            n, hi = (ps.n if dep else 1), self._idx(heads)
+            q, k, v = qkv if dep or len(heads) == n_heads else (t[:, hi] for t in qkv)
+            if ps.stash is not None:
+                ps.stash.setdefault(layer, []).append((hi, k, v, dep))
+            if lo > 0:
+                k0, v0 = (t[:, hi, :lo].repeat(n, 1, 1, 1) for t in self.kv_current[layer])
+                k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
+            mask, causal = None, False
+            if self.w.causal and q.shape[2] > 1:
+                if q_lo == 0:
+                    causal = True
+                else:
+                    keys = torch.arange(self.seq_len, device=q.device)
+                    mask = keys[None, :] <= (q_lo + torch.arange(q.shape[2], device=q.device))[:, None]
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / lw.attn_scale)
+            outputs[dep] = torch.einsum("bhpe,hed->hbpd", z, lw.W_O[hi])   # (heads, n * batch, pos, d)
+        h0 = self._head0[layer]
+        self._store([h0 + h for h in sh_heads], outputs.get(False),
+                    [h0 + h for h in dep_heads], outputs.get(True), q_lo, lw.b_O)
+
+    def _project(self, norm, W: torch.Tensor, b: torch.Tensor, p: slice, inp: _Inputs, rows: list[int],
+                 heads, dep: bool, shared: torch.Tensor | None) -> torch.Tensor | None:
+        """One of q, k, v for ``heads`` at positions ``p``: without ``dep``, (batch, heads, pos,
+        d_head) for the rows that all hypotheses share (None if there are none); with it,
+        (n * batch, heads, pos, d_head), the shared rows copied from ``shared``."""
+        by_kind: dict[str, list[tuple[int, int]]] = {}
+        for slot, h in enumerate(heads):
+            kind = inp.kind(rows[h])
+            if not dep and kind in ("plain_dep", "own_dep"):
+                continue
+            by_kind.setdefault(kind, []).append((slot, h))
+        if not by_kind:
+            return None
+        if not dep and by_kind.keys() == {"plain"} and len(by_kind["plain"]) == len(heads):
+            return self._norm_proj(norm, inp.plain[:, p], W, b, False)
+        n = self._pass.n if dep else 1
+        some = next(t for t in (inp.x, inp.plain, inp.x_dep, inp.plain_dep) if t is not None)
+        out = W.new_empty(n * self.batch, len(heads), some[..., p, :].shape[-2], W.shape[-1])
+        for kind, items in by_kind.items():
+            si, hi = (self._idx(list(t)) for t in zip(*items))
+            if dep and kind in ("plain", "own"):
+                assert shared is not None
+                out[:, si] = shared[:, hi].repeat(n, 1, 1, 1)
+            elif kind in ("plain", "plain_dep"):
+                x = inp.plain if kind == "plain" else inp.plain_dep
+                out[:, si] = self._norm_proj(norm, x[:, p], W[hi], b[hi], False)
+            else:
+                x, order = (inp.x, inp.active) if kind == "own" else (inp.x_dep, inp.dep_rows)
+                x = x[self._idx([order.index(rows[h]) for _, h in items])][..., p, :]
+                out[:, si] = self._norm_proj(norm, x, W[hi], b[hi], True)
         return out
 
-    def _work_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def _store(self, sh_src: list[int], sh_out: torch.Tensor | None, dep_src: list[int],
+               dep_out: torch.Tensor | None, lo: int, bias: torch.Tensor | None = None) -> None:
+        """Record sources' outputs (sources, batch or n * batch, positions >= lo, d): their
+        ``ablated - output`` for later corrections, and the stream ``base``."""
+        ps = self._pass
+        at = lo - ps.lo
+        base = ps.base[:, at:]
+        if sh_src:
+            idx = self._idx([s - ps.s0 for s in sh_src])
+            ps.work[idx, :, at:] = self.ablated[self._idx(sh_src), :, lo:] - sh_out
+            base += sh_out.sum(0)
+        if dep_src:
+            ablated = self.ablated[self._idx(dep_src), :, lo:]
+            ps.work[self._idx([s - ps.s0 for s in dep_src])] = 0.0
+            work = (ablated.unsqueeze(1) - dep_out.view(len(dep_src), ps.n, self.batch, *dep_out.shape[2:])
+                    ).view(dep_out.shape)
+            slots = self._dep_slots(dep_src)
+            ps.dep_work[self._idx(slots), :, at:] = work
+            total = work.sum(0)
+            if ps.dep_total is None:
+                ps.dep_total = ps.base.new_zeros(ps.n * self.batch, *ps.base.shape[1:])
+            ps.dep_total[:, at:] += total
+            base += ablated.sum(0)
+        if bias is not None:
+            base += bias
+
+    def _dep_slots(self, sources: list[int]) -> list[int]:
+        """Slots in the pass's per-hypothesis work buffer for newly dependent sources."""
+        ps = self._pass
+        first = len(ps.dep_sources)
+        need = first + len(sources)
+        slot_shape = (ps.n * self.batch, self.seq_len - ps.lo, self.diff_clean.shape[-1])
+        if ps.dep_work is None or ps.dep_work.shape[0] < need:
+            cap = max(need, 2 * (0 if ps.dep_work is None else ps.dep_work.shape[0]), self.n_heads + 1)
+            grown = self._work_buffer("dep", (cap, *slot_shape), keep=first)
+            ps.dep_work = grown
+        for i, s in enumerate(sources):
+            ps.dep_slot[s] = first + i
+        ps.dep_sources.extend(sources)
+        return list(range(first, need))
+
+    def _mlp(self, layer: int, lo: int) -> None:
+        """The MLP of ``layer`` at positions >= ``lo``."""
+        lw, src = self.w.layers[layer], self._mlp_src[layer]
+        x, dep = self._single_input((layer, "mlp"), src, lo)
+        out = lw.mlp(x, self.w.act).unsqueeze(0)
+        if dep:
+            self._store([], None, [src], out, lo)
+        else:
+            self._store([src], out, [], None, lo)
+
+    def _single_input(self, key: GroupKey, s_end: int, lo: int) -> tuple[torch.Tensor, bool]:
+        """The input of a one-row group (an MLP or Out), and whether it is per hypothesis."""
+        inp = self._inputs(key, s_end, lo)
+        if inp.x_dep is not None:
+            return inp.x_dep[0], True
+        if inp.x is not None:
+            return inp.x[0], False
+        if inp.plain_dep is not None:
+            return inp.plain_dep, True
+        return inp.plain, False
+
+    def _work_buffer(self, name: str, shape: tuple[int, ...], keep: int = 0) -> torch.Tensor:
+        """A reused flat buffer viewed as ``shape``; the first ``keep`` rows survive a regrowth."""
         numel = 1
         for s in shape:
             numel *= s
-        if self._buffer.numel() < numel:
-            self._buffer = torch.empty(numel, dtype=self.w.dtype, device=self.w.device)
-        return self._buffer[:numel].view(shape)
+        old = self._buffers.get(name)
+        if old is None or old.numel() < numel:
+            new = torch.empty(numel, dtype=self.w.dtype, device=self.w.device)
+            if keep and old is not None:
+                row = numel // shape[0]
+                new[: keep * row] = old[: keep * row]
+            self._buffers[name] = old = new
+        return old[:numel].view(shape)
 
     def _run(self, layer: int, stage: Stage, n: int, lo: int, entries: dict[GroupKey, list[Entry]],
-             stash: bool) -> torch.Tensor:
-        """One batched pass from ``stage`` of block ``layer`` up; logits (n * batch, ...)."""
+             stash: bool) -> tuple[torch.Tensor, bool]:
+        """One batched pass from ``stage`` of block ``layer`` up. Returns the logits, (batch, ...)
+        when every hypothesis has the same ones (``shared``) or else (n * batch, ...), and shared."""
         top = self.n_layers - 1
         last = self.seq_len - 1 if self.last_position_only else lo
         s0 = {"out": self.n_src, "mlp": self._mlp_src[layer] if layer < self.n_layers else 0,
               "attn": self._head0[layer] if layer < self.n_layers else 0}[stage]
-        d = self.diff_clean.shape[-1]
-        work = self._work_buffer((self.n_src - s0, n * self.batch, self.seq_len, d))
-        self._pass = _Pass(n, lo, entries, s0, work, {} if stash else None)
         if stage == "out":
-            resid = self.resid_final[:, last:]
+            base = self.resid_final[:, lo:]
         elif stage == "mlp":
-            resid = self.resid_mid[layer][:, (last if layer == top else lo):]
+            base = self.resid_mid[layer][:, lo:]
         else:
-            resid = self.resid_pre[layer][:, lo:]
-        resid = resid.repeat(n, 1, 1)
+            base = self.resid_pre[layer][:, lo:]
+        d = self.diff_clean.shape[-1]
+        work = self._work_buffer("work", (self.n_src - s0, self.batch, self.seq_len - lo, d))
+        self._pass = ps = _Pass(n, lo, entries, s0, base.clone(), work, {} if stash else None)
         for lay in range(layer, self.n_layers) if stage != "out" else ():
             q_lo = last if lay == top else lo
             if lay > layer or stage == "attn":
-                resid = self._attention(lay, resid, s0, lo, q_lo)
+                self._attention(lay, q_lo)
             if not self.w.attn_only:
-                resid = resid + self._mlp(lay, resid, s0, q_lo)
-        corr, _ = self._correction((self.n_layers, "out"), self.n_src, s0, last)
-        if corr is not None:
-            resid = self._with(resid, corr)[0]
-        logits = self._logits(resid)
+                self._mlp(lay, q_lo)
+        x, dep = self._single_input((self.n_layers, "out"), self.n_src, last)
+        logits = self._logits(x)
         if stash and not self.last_position_only:
-            self._pass.logits = logits
+            ps.logits = (logits, dep)
         if not self.last_position_only and lo > 0:
-            logits = torch.cat([self.logits_current[:, :lo].repeat(n, 1, 1), logits], 1)
-        return logits
+            prefix = self.logits_current[:, :lo]
+            logits = torch.cat([prefix.repeat(n, 1, 1) if dep else prefix, logits], 1)
+        return logits, not dep
 
     def _adopt(self, ps: _Pass, j: int) -> None:
         """Hypothesis j of pass ``ps`` is the current circuit: cache its keys, values, logits."""
         rows = slice(j * self.batch, (j + 1) * self.batch)
-        for layer, (k, v) in (ps.stash or {}).items():
-            self.kv_current[layer][0][:, :, ps.lo:] = k[rows]
-            self.kv_current[layer][1][:, :, ps.lo:] = v[rows]
+        for layer, parts in (ps.stash or {}).items():
+            for heads, k, v, dep in parts:
+                for cached, new in zip(self.kv_current[layer], (k, v)):
+                    cached[:, heads, ps.lo:] = new[rows] if dep else new
         if ps.logits is not None:
-            self.logits_current[:, ps.lo:] = ps.logits[rows]
+            logits, dep = ps.logits
+            self.logits_current[:, ps.lo:] = logits[rows] if dep else logits
 
     def _sync_prefix(self) -> None:
         if self._stale:
@@ -488,10 +640,11 @@ class CircuitRunner:
                     (j, self.row_of(e), e.src.index, 0 if e.position is None else e.position))
             layer, stage = min((_stage_of(e) for e in edges), key=lambda ls: (ls[0], _STAGE_ORDER[ls[1]]))
             lo = min(e.position or 0 for e in edges) if self.reuse_prefix else 0
-            logits = self._run(layer, stage, len(edges), lo, entries, stash=self.reuse_prefix)
+            logits, shared = self._run(layer, stage, len(edges), lo, entries, stash=self.reuse_prefix)
             self._last_pass = self._pass if self.reuse_prefix else None
             self._chain, self._accepted = list(edges), 0
-            return logits.view(len(edges), self.batch, *logits.shape[1:])
+            shape = (len(edges), self.batch, *logits.shape[1:])
+            return logits.expand(shape) if shared else logits.view(shape)
 
     def logits_for(self, edge: Edge) -> torch.Tensor:
         """Logits of the current circuit minus ``edge``."""
@@ -504,4 +657,4 @@ class CircuitRunner:
         visit order guarantees; ``logits_from(0, "attn")`` recomputes everything.
         """
         with torch.no_grad():
-            return self._run(layer, stage, 1, 0, {}, stash=False)
+            return self._run(layer, stage, 1, 0, {}, stash=False)[0]

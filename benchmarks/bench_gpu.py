@@ -104,21 +104,22 @@ def time_call(fn, device: str, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def walk(acdc: Acdc, start: int, seconds: float, device: str) -> dict:
+def walk(acdc: Acdc, start: int, seconds: float, device: str, max_edges: int | None = None) -> dict:
     """Run ``acdc`` from edge ``start`` (earlier edges recorded as kept) for ``seconds``."""
     for _ in range(start - len(acdc.trace.steps)):
         acdc.trace.record(acdc.current_metric + 1.0, False)      # kept: delta 1 >= tau
-    n, removed, t0 = 0, 0, time.perf_counter()
+    n, removed, t0, decisions = 0, 0, time.perf_counter(), []
     for step in acdc.steps():
         n += 1
         removed += step.removed
-        if time.perf_counter() - t0 > seconds:
+        decisions.append(step.removed)
+        if time.perf_counter() - t0 > seconds or n == max_edges:
             break
     sync(device)
     elapsed = time.perf_counter() - t0
     return {"start": start, "edges": n, "removed": removed, "seconds": round(elapsed, 3),
             "seconds_per_edge": elapsed / max(n, 1), "end": start + n,
-            "complete": acdc.done, "k": acdc.batch_hypotheses}
+            "complete": acdc.done, "k": acdc.batch_hypotheses, "decisions": decisions}
 
 
 def dest_layer(edge, n_layers: int) -> int:
@@ -158,6 +159,7 @@ def bench_mode(weights, pairs, args, positions: bool, forward_s: float, out: dic
     acdc = Acdc(weights, pairs, **kw)
     setup = time.perf_counter() - t0
     prefix = walk(acdc, 0, seconds or args.seconds, device)
+    decisions = prefix.pop("decisions")
     result = {"positions": positions, "dtype": str(dtype).removeprefix("torch."), "edges_total": acdc.n_edges,
               "k": acdc.batch_hypotheses, "setup_seconds": round(setup, 2), "prefix": prefix}
     if prefix["complete"]:
@@ -174,10 +176,15 @@ def bench_mode(weights, pairs, args, positions: bool, forward_s: float, out: dic
             if start < prefix["end"]:
                 continue
             seg = walk(Acdc(weights, pairs, **kw), start, args.segment_seconds, device)
+            del seg["decisions"]
             seg["layer"] = layer
             segments.append(seg)
         result["segments"] = segments
         result["projected_full_run_seconds"] = round(project(acdc, prefix, segments), 1)
+    steps = acdc.trace.steps[prefix["start"]: prefix["end"]]
+    result["passes_prefix"] = sum(1 for st in steps if st.seconds > 0)    # a chain books its time on its first step
+    result["mean_chain_length_prefix"] = round(len(steps) / max(result["passes_prefix"], 1), 1)
+    result["decisions_prefix"] = decisions
     spe = [prefix["seconds_per_edge"]] + [s["seconds_per_edge"] for s in result.get("segments", [])]
     result["edges_per_second_prefix"] = round(1 / prefix["seconds_per_edge"], 1)
     total = result.get("full_run_seconds") or result["projected_full_run_seconds"]
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="sampled layers per mode")
     parser.add_argument("--k", type=int, default=None, help="hypotheses per pass (default: auto)")
     parser.add_argument("--k1-seconds", type=float, default=15.0, help="also time K=1 this long (0: skip)")
+    parser.add_argument("--check-edges", type=int, default=3000,
+                        help="compare the first N decisions with a K=1 run (0: skip)")
     parser.add_argument("--flips", action="store_true", help="also run plain in bfloat16, count flips")
     parser.add_argument("--tiny", action="store_true", help="2 layers, d 64: check the script quickly")
     parser.add_argument("--out", default=None)
@@ -241,18 +250,28 @@ def main() -> None:
         res = bench_mode(weights, pairs, args, positions, hf_fwd, report, args.k,
                          seconds=args.positions_seconds if positions else args.seconds)
         trace = res.pop("trace", None)
+        decisions = res.pop("decisions_prefix")
         report["modes"][mode] = res
         emit()
+        if args.check_edges > 0:
+            check = walk(Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev, batch_hypotheses=1),
+                         0, 1e9 if args.tiny else 60.0, dev, max_edges=args.check_edges)
+            n = min(check["edges"], len(decisions))
+            res["k1_check"] = {"edges": n, "seconds": check["seconds"],
+                               "decisions_differing": sum(a != b for a, b in zip(check.pop("decisions"), decisions[:n]))}
+            emit()
         if args.k1_seconds > 0 and res["k"] > 1:
             start = next(i for i, e in enumerate(Acdc(weights, pairs, tau=args.tau, positions=positions,
                                                       device=dev).graph.edges) if e.dest.kind in "qkv")
             k1 = walk(Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev, batch_hypotheses=1),
                       start, args.k1_seconds, dev)
+            del k1["decisions"]
             res["k1_top_heads_segment"] = k1
             emit()
         if args.flips and not positions and trace is not None:
             half = bench_mode(weights, pairs, args, False, hf_fwd, report, args.k, torch.bfloat16)
             half_trace = half.pop("trace", None)
+            half.pop("decisions_prefix", None)
             if half_trace is not None:
                 flips = sum(a.removed != b.removed for a, b in zip(trace.steps, half_trace.steps))
                 first = next((i for i, (a, b) in enumerate(zip(trace.steps, half_trace.steps))

@@ -162,7 +162,8 @@ def test_model_without_what_the_engine_needs():
 
 
 def test_out_of_memory_keeps_the_trace(gpt2, monkeypatch, tmp_path):
-    acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3)
+    """At one hypothesis per pass there is nothing left to halve: the run stops, trace kept."""
+    acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, batch_hypotheses=1)
     real, calls = acdc.runner.chain_logits, []
 
     def flaky(chain):
@@ -203,6 +204,37 @@ def test_speculative_hypotheses_change_nothing(gpt2, positions):
     many = Acdc(gpt2, pairs_for(gpt2), batch_hypotheses=5, test_mode=True, **kw)
     assert many.runner.reuse_prefix == positions
     assert_same_decisions(many.run(), one)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_pausing_mid_chain_changes_nothing(gpt2, positions):
+    """Leaving ``steps()`` inside a chain and calling it again walks the same chain: the trace is
+    the uninterrupted one, bit for bit."""
+    full = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, positions=positions).run()
+    paused = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, positions=positions)
+    while not paused.done:
+        for i, _ in enumerate(paused.steps()):
+            if i == 6:
+                break
+    assert paused.trace.canonical_json() == full.canonical_json()
+
+
+def test_automatic_chains_grow_while_edges_go_and_shrink_when_one_stays(gpt2, monkeypatch):
+    acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3)
+    assert acdc.adaptive and acdc.batch_hypotheses == 32        # the CPU maximum
+    real, chains = acdc.runner.chain_logits, []
+    monkeypatch.setattr(acdc.runner, "chain_logits", lambda chain: chains.append(len(chain)) or real(chain))
+    trace = acdc.run()
+    assert max(chains) > 4 and sum(chains) < 2 * len(trace.steps)
+    start, length = 0, 1
+    for size in chains:
+        assert size <= length                 # a chain may end early at its destination group
+        walked = trace.steps[start: start + size]
+        kept = next((j for j, s in enumerate(walked) if not s.removed), None)
+        # doubles while whole chains go; falls back to the run of removals a kept edge ended
+        length = min(2 * length, 32) if kept is None else max(1, kept)
+        start += size if kept is None else kept + 1
+    assert start == len(trace.steps)
 
 
 def assert_same_decisions(a, b):

@@ -59,10 +59,11 @@ def test_chain_of_hypotheses_equals_sequential_removals(request, model_name, pos
     graph = CircuitGraph.from_config(model.cfg, n_positions=clean.shape[1] if positions else None)
     runner = CircuitRunner(weights, graph, clean, corrupt, "resample", last_position_only=last_only)
     assert runner.reuse_prefix == positions
-    rng, edges, i, checked = random.Random(1), graph.edges, 0, 0
+    rng, edges, i, checked, shared = random.Random(1), graph.edges, 0, 0, 0
     while i < len(edges):
         chain = edges[i: i + rng.choice([1, 3, 7])]
         fast = runner.chain_logits(chain)
+        shared += len(chain) > 1 and fast.stride(0) == 0        # nothing above told them apart
         if rng.random() < (0.08 if positions else 0.3) or i < 10:                # the slow check is costly: sample it
             torch.testing.assert_close(fast, _sequential(runner, chain), atol=1e-9, rtol=1e-9)
             checked += 1
@@ -75,6 +76,7 @@ def test_chain_of_hypotheses_equals_sequential_removals(request, model_name, pos
             continue
         i += 1                                           # the edge that stopped the walk is kept
     assert checked > 10 and 0 < len(runner._removed) < len(edges)
+    assert shared > 0
 
 
 def test_prefix_cache_follows_outside_changes(gpt2):
@@ -87,3 +89,21 @@ def test_prefix_cache_follows_outside_changes(gpt2):
         runner.set_removed(e, True)
     chain = graph.edges[200:204]
     torch.testing.assert_close(runner.chain_logits(chain), _sequential(runner, chain), atol=1e-9, rtol=1e-9)
+
+
+def test_only_what_depends_on_the_hypothesis_is_computed_per_hypothesis(gpt2):
+    """With every edge above a block removed, a chain into that block changes only the heads it
+    touches: later nodes read ablated values, so they and the logits are computed once."""
+    clean, corrupt = token_pairs(d_vocab=gpt2.cfg.d_vocab)
+    weights = from_model(gpt2, clean).to(dtype=torch.float64)
+    graph = CircuitGraph.from_config(gpt2.cfg)
+    runner = CircuitRunner(weights, graph, clean, corrupt, "resample")
+    top = gpt2.cfg.n_layers - 1
+    first = next(i for i, e in enumerate(graph.edges) if e.dest.layer == top and e.dest.kind in "qkv")
+    for e in graph.edges[:first]:
+        runner.set_removed(e, True)
+    chain = [e for e in graph.edges[first:] if e.dest.name == graph.edges[first].dest.name]
+    fast = runner.chain_logits(chain)
+    assert len(chain) > 1 and fast.stride(0) == 0              # one set of logits for all
+    assert runner._pass.dep_sources == [runner._head0[top] + graph.edges[first].dest.head]
+    torch.testing.assert_close(fast, _sequential(runner, chain), atol=1e-9, rtol=1e-9)
