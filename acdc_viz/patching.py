@@ -21,6 +21,15 @@ the pass.
 (hypothesis-major: row ``j * batch + b``). Hypothesis j differs from the current circuit by the
 first j+1 edges of the chain, which enter the corrections as a cumulative sum over j.
 
+**What differs between hypotheses.** Hypotheses differ only in the chain's edges, so a pass first
+computes them per hypothesis only where the chain enters, and then wherever a node *keeps* an
+edge from a node that differs. Everything else (in a sparse circuit, nearly all of the layers
+above the tested block, often the logits too) is the same for all hypotheses and computed once,
+at the batch's size. For that, a pass carries ``base``: the stream with each shared source's
+output and each differing source's ablated value. A destination's input is then ``base`` plus its
+removed edges from shared sources (as ablated - output), minus its kept edges from differing ones.
+When the logits are shared, ``chain_logits`` returns one copy expanded over the hypotheses.
+
 **Causal prefix.** In position mode with a causal model, removing an edge at position p changes
 nothing at positions < p. A pass then computes only positions >= the chain's lowest position and
 takes the keys and values of the earlier positions (and, for metrics over all positions, their
@@ -78,11 +87,12 @@ class _Pass:
     s0: int                                  # first source recomputed in the pass
     base: torch.Tensor                       # (batch, pos, d): the stream, dependent sources ablated
     work: torch.Tensor                       # (sources >= s0, batch, pos, d): ablated - output; 0 if dependent
+    work_total: torch.Tensor                 # (batch, pos, d): the sum of work so far
     stash: dict[int, list] | None = None     # layer -> computed keys and values, per head set
     dep_sources: list[int] = field(default_factory=list)    # dependent sources, in slot order
     dep_slot: dict[int, int] = field(default_factory=dict)
     dep_work: torch.Tensor | None = None     # (slots, n * batch, pos, d): ablated - output
-    dep_total: torch.Tensor | None = None    # (n * batch, pos, d): the sum of dep_work
+    lazy: list = field(default_factory=list)  # (sources, first position, fn): outputs not computed yet
     logits: tuple[torch.Tensor, bool] | None = None   # computed logits and whether per hypothesis
 
 
@@ -92,19 +102,29 @@ class _Inputs:
 
     active: list[int]                        # rows with an input of their own, ascending
     dep_rows: list[int]                      # those of them that differ between hypotheses
+    ablated_rows: set[int]                   # rows with every edge removed
     x: torch.Tensor | None = None            # (active, batch, pos, d): shared part of each
     x_dep: torch.Tensor | None = None        # (dep_rows, n * batch, pos, d)
+    ablated: torch.Tensor | None = None      # (batch, pos, d): the input of ablated_rows
     plain: torch.Tensor | None = None        # (batch, pos, d): the stream, for the other rows
     plain_dep: torch.Tensor | None = None    # (n * batch, pos, d): the same, when it differs
 
     def kind(self, row: int) -> str:
-        """How a row's input is made: ``own`` / ``own_dep`` (its own, shared or per hypothesis)
-        or ``plain`` / ``plain_dep`` (the stream)."""
+        """How a row's input is made: ``own`` / ``own_dep`` (its own, shared or per hypothesis),
+        ``ablated`` (all its edges removed) or ``plain`` / ``plain_dep`` (the stream)."""
         if row in self.dep_rows:
             return "own_dep"
         if row in self.active:
             return "own"
+        if row in self.ablated_rows:
+            return "ablated"
         return "plain" if self.plain_dep is None else "plain_dep"
+
+    def stream(self, kind: str) -> torch.Tensor:
+        """The input that all rows of a stream kind share."""
+        out = {"ablated": self.ablated, "plain": self.plain, "plain_dep": self.plain_dep}[kind]
+        assert out is not None
+        return out
 
 
 def _stage_of(edge: Edge) -> tuple[int, Stage]:
@@ -172,6 +192,7 @@ class CircuitRunner:
         self._pass: _Pass | None = None
         self._last_pass: _Pass | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._diff_totals: dict[int, torch.Tensor] = {}     # s -> diff_clean[:s].sum(0)
         del clean_run
 
         # One mask row per destination, in forward order: per layer 3*n_heads q/k/v rows
@@ -183,6 +204,9 @@ class CircuitRunner:
         self._removed_count = np.zeros((n_rows, self.n_src), dtype=np.int32)   # per row and source
         self._removed: set[tuple[int, int, int]] = set()
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._row_edges = [0] * n_rows          # edges into each row
+        for edge in graph.edges:
+            self._row_edges[self.row_of(edge)] += 1
         self.groups: dict[GroupKey, _Group] = {}
         for layer in range(self.n_layers):
             base = layer * self._row_stride
@@ -297,7 +321,9 @@ class CircuitRunner:
         """sum_s mask[r, s, p] * values[s, b, p, d]  ->  (r, b, p, d)."""
         if self.n_pos == 1:
             return (mask[:, :, 0] @ values.reshape(values.shape[0], -1)).view(mask.shape[0], *values.shape[1:])
-        return torch.einsum("rsp,sbpd->rbpd", mask, values)
+        s, b, p, d = values.shape           # one product per position
+        out = torch.bmm(mask.permute(2, 0, 1), values.permute(2, 0, 1, 3).reshape(p, s, b * d))
+        return out.view(p, -1, b, d).permute(1, 2, 0, 3)
 
     def _mask(self, rows: list[int], sources: slice | list[int], lo: int) -> torch.Tensor:
         """mask[rows][:, sources] at the positions >= lo (all of them without positions)."""
@@ -305,13 +331,48 @@ class CircuitRunner:
         m = m[:, sources] if isinstance(sources, slice) else m[:, self._idx(sources)]
         return m[..., lo:] if self.n_pos > 1 else m
 
-    def _fixed(self, group: _Group, s_fixed: int, lo: int) -> torch.Tensor:
-        """Corrections of the group's active rows from the sources below ``s_fixed``, which hold
-        their clean outputs in this pass: cached until the group's mask changes."""
+    def _removed_sum(self, rows: list[int], s_lo: int, values: torch.Tensor, total: torch.Tensor,
+                     lo: int) -> torch.Tensor:
+        """sum over sources s of mask[r, s - s_lo, p] * values[s - s_lo] for each row r, positions
+        >= lo: (rows, batch, positions, d). ``total`` is ``values.sum(0)``.
+
+        Each row takes the cheaper side: the sources it removes, or ``total`` minus the sources it
+        keeps (in a sparse circuit, a finished row keeps a few). Only the sources that some row of
+        a side needs are read.
+        """
+        counts = self._removed_count[np.ix_(rows, range(s_lo, s_lo + values.shape[0]))]
+        removes, keeps = counts > 0, counts < self.n_pos
+        by_keeping = keeps.sum(1) < removes.sum(1)
+        out = values.new_empty(len(rows), *values.shape[1:])
+        for side, needs in ((False, removes), (True, keeps)):
+            which = [i for i in range(len(rows)) if by_keeping[i] == side]
+            if not which:
+                continue
+            sources = np.flatnonzero(needs[which].any(0)).tolist()
+            ri = self._idx(which)
+            if not sources:
+                out[ri] = total if side else 0.0
+                continue
+            mask = self._mask([rows[i] for i in which], [s_lo + s for s in sources], lo)
+            part = self._contract(1.0 - mask if side else mask, values[self._idx(sources)])
+            out[ri] = total - part if side else part
+        return out
+
+    def _diff_total(self, s: int) -> torch.Tensor:
+        """The sum of (ablated - clean) over the sources below s."""
+        total = self._diff_totals.get(s)
+        if total is None:
+            total = self._diff_totals[s] = self.diff_clean[:s].sum(0)
+        return total
+
+    def _fixed(self, group: _Group, rows: list[int], s_fixed: int, lo: int) -> torch.Tensor:
+        """Corrections of the group's ``rows`` (its active rows that keep an edge) from the
+        sources below ``s_fixed``, which hold their clean outputs in this pass: cached until the
+        group's mask changes."""
         key = (s_fixed, group.version, lo)
         if group.cache_key != key:
-            group.cache = self._contract(self._mask(group.active, slice(0, s_fixed), lo),
-                                         self.diff_clean[:s_fixed, :, lo:])
+            group.cache = self._removed_sum(rows, 0, self.diff_clean[:s_fixed, :, lo:],
+                                            self._diff_total(s_fixed)[:, lo:], lo)
             group.cache_key = key
         assert group.cache is not None
         return group.cache
@@ -326,8 +387,9 @@ class CircuitRunner:
                  - sum over kept dependent sources of (ablated - output)   (per hypothesis)
                  + the chain's edges into it, for the hypotheses that remove them.
 
-        Rows without any removed edge read the plain stream; only rows that keep an edge from a
-        dependent source, or that the chain changes, are computed per hypothesis.
+        Rows without any removed edge read the plain stream, rows without any kept edge the
+        stream of ablated values; only rows that keep an edge from a dependent source, or that
+        the chain changes, are computed per hypothesis.
         """
         ps, group = self._pass, self.groups[key]
         assert ps is not None
@@ -335,55 +397,66 @@ class CircuitRunner:
         if entries and self.n_pos > 1:
             entries = [e for e in entries if e[3] >= lo]
         chain_rows = {e[1] for e in entries}
-        active = sorted({*group.active, *chain_rows})
+        full = {r for r in group.active if self._row_count[r] == self._row_edges[r]} - chain_rows
+        active = sorted({*group.active, *chain_rows} - full)
         s0, at = ps.s0, lo - ps.lo
+        s_fixed = min(s0, s_end)
         base = ps.base[:, at:]
         dep_sources = [s for s in ps.dep_sources if s < s_end]
         dep = set(chain_rows)
         if dep_sources and active:
             kept = self._removed_count[np.ix_(active, dep_sources)] < self.n_pos
             dep.update(r for r, k in zip(active, kept.any(1)) if k)
-        inp = _Inputs(active=active, dep_rows=[r for r in active if r in dep])
-        if len(active) < len(group.rows):                  # rows that read the plain stream
-            if ps.dep_total is None:
+        inp = _Inputs(active=active, dep_rows=[r for r in active if r in dep], ablated_rows=full)
+        if full:
+            inp.ablated = base + self._diff_total(s_fixed)[:, lo:]
+            if s_end > s0:
+                inp.ablated += ps.work_total[:, at:]
+        if len(active) + len(full) < len(group.rows):      # rows that read the plain stream
+            if not dep_sources:
                 inp.plain = base
             else:
-                inp.plain_dep = (base.unsqueeze(0) - ps.dep_total[:, at:].view(ps.n, self.batch, *base.shape[1:])
+                total = self._dep_values(dep_sources)[: len(dep_sources), :, at:].sum(0)
+                inp.plain_dep = (base.unsqueeze(0) - total.view(ps.n, self.batch, *base.shape[1:])
                                  ).view(-1, *base.shape[1:])
         if not active:
             return inp
 
         x = base.expand(len(active), *base.shape).clone()
-        if group.active:
-            fixed = self._fixed(group, min(s0, s_end), lo)
-            if len(group.active) == len(active):
+        fixed_rows = [r for r in group.active if r not in full]
+        if fixed_rows:
+            fixed = self._fixed(group, fixed_rows, s_fixed, lo)
+            if len(fixed_rows) == len(active):
                 x += fixed
             else:
-                x[self._idx([active.index(r) for r in group.active])] += fixed
+                x[self._idx([active.index(r) for r in fixed_rows])] += fixed
         if s_end > s0:                                     # removed edges from shared sources
-            x += self._contract(self._mask(active, slice(s0, s_end), lo), ps.work[: s_end - s0, :, at:])
+            x += self._removed_sum(active, s0, ps.work[: s_end - s0, :, at:], ps.work_total[:, at:], lo)
         inp.x = x
         if not inp.dep_rows:
             return inp
 
         n, shape = ps.n, (len(inp.dep_rows), ps.n, *x.shape[1:])
-        xd = x[self._idx([active.index(r) for r in inp.dep_rows])].unsqueeze(1).expand(shape).clone()
+        shared = x[self._idx([active.index(r) for r in inp.dep_rows])].unsqueeze(1)
+        fixed_entries = [e for e in entries if e[2] < s0]
+        if fixed_entries:
+            xd = self._chain_correction(inp.dep_rows, fixed_entries, lo).add_(shared)
+        else:
+            xd = shared.expand(shape).clone()
         if dep_sources:                                    # kept edges from dependent sources
             used = [s for s, k in zip(dep_sources, (self._removed_count[np.ix_(inp.dep_rows, dep_sources)]
                                                       < self.n_pos).any(0)) if k]
             if used:
                 slots = [ps.dep_slot[s] for s in used]
                 keep = 1.0 - self._mask(inp.dep_rows, used, lo)
-                values = ps.dep_work[self._idx(slots)][:, :, at:]
+                values = self._dep_values(used)[self._idx(slots)][:, :, at:]
                 xd -= self._contract(keep, values).view(shape)
-        fixed_entries = [e for e in entries if e[2] < s0]
-        if fixed_entries:
-            xd += self._chain_correction(inp.dep_rows, fixed_entries, lo)
         for j, row, src, pos in (e for e in entries if e[2] >= s0):    # chains across groups only
             target = xd[inp.dep_rows.index(row), j:]
             p = slice(None) if self.n_pos == 1 else slice(pos - lo, pos - lo + 1)
             if src in ps.dep_slot:
-                target[..., p, :] += ps.dep_work[ps.dep_slot[src], :, at:].view(n, self.batch, *x.shape[2:])[j:, :, p]
+                values = self._dep_values([src])[ps.dep_slot[src], :, at:]
+                target[..., p, :] += values.view(n, self.batch, *x.shape[2:])[j:, :, p]
             else:
                 target[..., p, :] += ps.work[src - s0, :, at:][:, p]
         inp.x_dep = xd.view(len(inp.dep_rows), n * self.batch, *x.shape[2:])
@@ -433,29 +506,36 @@ class CircuitRunner:
             if dep_heads:
                 dependent.append(self._project(lw.ln1, W, b, p, inp, rows, dep_heads, True, out))
 
-        outputs: dict[bool, torch.Tensor] = {}
+        outputs: dict[bool, object] = {}
         for heads, qkv, dep in ((sh_heads, shared, False), (dep_heads, dependent, True)):
             if not heads:
                 continue
-            n, hi = (ps.n if dep else 1), self._idx(heads)
+            hi = self._idx(heads)
             q, k, v = qkv if dep or len(heads) == n_heads else (t[:, hi] for t in qkv)
             if ps.stash is not None:
                 ps.stash.setdefault(layer, []).append((hi, k, v, dep))
-            if lo > 0:
-                k0, v0 = (t[:, hi, :lo].repeat(n, 1, 1, 1) for t in self.kv_current[layer])
-                k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
-            mask, causal = None, False
-            if self.w.causal and q.shape[2] > 1:
-                if q_lo == 0:
-                    causal = True
-                else:
-                    keys = torch.arange(self.seq_len, device=q.device)
-                    mask = keys[None, :] <= (q_lo + torch.arange(q.shape[2], device=q.device))[:, None]
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / lw.attn_scale)
-            outputs[dep] = torch.einsum("bhpe,hed->hbpd", z, lw.W_O[hi])   # (heads, n * batch, pos, d)
+            args = (layer, hi, q, k, v, ps.n if dep else 1, q_lo)
+            outputs[dep] = (lambda args=args: self._heads_out(*args)) if dep else self._heads_out(*args)
         h0 = self._head0[layer]
         self._store([h0 + h for h in sh_heads], outputs.get(False),
                     [h0 + h for h in dep_heads], outputs.get(True), q_lo, lw.b_O)
+
+    def _heads_out(self, layer: int, hi, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
+                   q_lo: int) -> torch.Tensor:
+        """The heads' outputs (heads, n * batch, positions >= q_lo, d) from their q, k, v."""
+        lw, lo = self.w.layers[layer], self._pass.lo
+        if lo > 0:
+            k0, v0 = (t[:, hi, :lo].repeat(n, 1, 1, 1) for t in self.kv_current[layer])
+            k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
+        mask, causal = None, False
+        if self.w.causal and q.shape[2] > 1:
+            if q_lo == 0:
+                causal = True
+            else:
+                keys = torch.arange(self.seq_len, device=q.device)
+                mask = keys[None, :] <= (q_lo + torch.arange(q.shape[2], device=q.device))[:, None]
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / lw.attn_scale)
+        return torch.einsum("bhpe,hed->hbpd", z, lw.W_O[hi])
 
     def _project(self, norm, W: torch.Tensor, b: torch.Tensor, p: slice, inp: _Inputs, rows: list[int],
                  heads, dep: bool, shared: torch.Tensor | None) -> torch.Tensor | None:
@@ -470,19 +550,19 @@ class CircuitRunner:
             by_kind.setdefault(kind, []).append((slot, h))
         if not by_kind:
             return None
-        if not dep and by_kind.keys() == {"plain"} and len(by_kind["plain"]) == len(heads):
-            return self._norm_proj(norm, inp.plain[:, p], W, b, False)
+        kind = next(iter(by_kind))
+        if not dep and len(by_kind) == 1 and kind in ("plain", "ablated") and len(by_kind[kind]) == len(heads):
+            return self._norm_proj(norm, inp.stream(kind)[:, p], W, b, False)
         n = self._pass.n if dep else 1
-        some = next(t for t in (inp.x, inp.plain, inp.x_dep, inp.plain_dep) if t is not None)
+        some = next(t for t in (inp.x, inp.ablated, inp.plain, inp.x_dep, inp.plain_dep) if t is not None)
         out = W.new_empty(n * self.batch, len(heads), some[..., p, :].shape[-2], W.shape[-1])
         for kind, items in by_kind.items():
             si, hi = (self._idx(list(t)) for t in zip(*items))
-            if dep and kind in ("plain", "own"):
+            if dep and kind in ("plain", "own", "ablated"):
                 assert shared is not None
                 out[:, si] = shared[:, hi].repeat(n, 1, 1, 1)
-            elif kind in ("plain", "plain_dep"):
-                x = inp.plain if kind == "plain" else inp.plain_dep
-                out[:, si] = self._norm_proj(norm, x[:, p], W[hi], b[hi], False)
+            elif kind in ("plain", "plain_dep", "ablated"):
+                out[:, si] = self._norm_proj(norm, inp.stream(kind)[:, p], W[hi], b[hi], False)
             else:
                 x, order = (inp.x, inp.active) if kind == "own" else (inp.x_dep, inp.dep_rows)
                 x = x[self._idx([order.index(rows[h]) for _, h in items])][..., p, :]
@@ -490,55 +570,57 @@ class CircuitRunner:
         return out
 
     def _store(self, sh_src: list[int], sh_out: torch.Tensor | None, dep_src: list[int],
-               dep_out: torch.Tensor | None, lo: int, bias: torch.Tensor | None = None) -> None:
-        """Record sources' outputs (sources, batch or n * batch, positions >= lo, d): their
-        ``ablated - output`` for later corrections, and the stream ``base``."""
+               dep_out, lo: int, bias: torch.Tensor | None = None) -> None:
+        """Record sources' outputs (sources, batch, positions >= lo, d): their ``ablated -
+        output`` for later corrections, and the stream ``base``. The outputs of dependent
+        sources (n * batch) come from ``dep_out()``, called only when a kept edge reads them
+        (in a sparse circuit, none does)."""
         ps = self._pass
         at = lo - ps.lo
         base = ps.base[:, at:]
         if sh_src:
             idx = self._idx([s - ps.s0 for s in sh_src])
-            ps.work[idx, :, at:] = self.ablated[self._idx(sh_src), :, lo:] - sh_out
+            work = self.ablated[self._idx(sh_src), :, lo:] - sh_out
+            ps.work[idx, :, at:] = work
+            ps.work_total[:, at:] += work.sum(0)
             base += sh_out.sum(0)
         if dep_src:
-            ablated = self.ablated[self._idx(dep_src), :, lo:]
             ps.work[self._idx([s - ps.s0 for s in dep_src])] = 0.0
-            work = (ablated.unsqueeze(1) - dep_out.view(len(dep_src), ps.n, self.batch, *dep_out.shape[2:])
-                    ).view(dep_out.shape)
-            slots = self._dep_slots(dep_src)
-            ps.dep_work[self._idx(slots), :, at:] = work
-            total = work.sum(0)
-            if ps.dep_total is None:
-                ps.dep_total = ps.base.new_zeros(ps.n * self.batch, *ps.base.shape[1:])
-            ps.dep_total[:, at:] += total
-            base += ablated.sum(0)
+            for i, src in enumerate(dep_src):
+                ps.dep_slot[src] = len(ps.dep_sources) + i
+            ps.dep_sources.extend(dep_src)
+            ps.lazy.append((dep_src, lo, dep_out))
+            base += self.ablated[self._idx(dep_src), :, lo:].sum(0)
         if bias is not None:
             base += bias
 
-    def _dep_slots(self, sources: list[int]) -> list[int]:
-        """Slots in the pass's per-hypothesis work buffer for newly dependent sources."""
+    def _dep_values(self, sources: list[int]) -> torch.Tensor:
+        """The per-hypothesis ``ablated - output`` buffer, with ``sources`` computed in it."""
         ps = self._pass
-        first = len(ps.dep_sources)
-        need = first + len(sources)
-        slot_shape = (ps.n * self.batch, self.seq_len - ps.lo, self.diff_clean.shape[-1])
+        need = len(ps.dep_sources)
         if ps.dep_work is None or ps.dep_work.shape[0] < need:
-            cap = max(need, 2 * (0 if ps.dep_work is None else ps.dep_work.shape[0]), self.n_heads + 1)
-            grown = self._work_buffer("dep", (cap, *slot_shape), keep=first)
-            ps.dep_work = grown
-        for i, s in enumerate(sources):
-            ps.dep_slot[s] = first + i
-        ps.dep_sources.extend(sources)
-        return list(range(first, need))
+            old = 0 if ps.dep_work is None else ps.dep_work.shape[0]
+            shape = (max(need, 2 * old, self.n_heads + 1), ps.n * self.batch, self.seq_len - ps.lo,
+                     self.diff_clean.shape[-1])
+            ps.dep_work = self._work_buffer("dep", shape, keep=old)
+        wanted = set(sources)
+        for item in [it for it in ps.lazy if wanted.intersection(it[0])]:
+            ps.lazy.remove(item)
+            srcs, lo, fn = item
+            out = fn()
+            ablated = self.ablated[self._idx(srcs), :, lo:]
+            work = (ablated.unsqueeze(1) - out.view(len(srcs), ps.n, self.batch, *out.shape[2:])).view(out.shape)
+            ps.dep_work[self._idx([ps.dep_slot[s] for s in srcs]), :, lo - ps.lo:] = work
+        return ps.dep_work
 
     def _mlp(self, layer: int, lo: int) -> None:
         """The MLP of ``layer`` at positions >= ``lo``."""
         lw, src = self.w.layers[layer], self._mlp_src[layer]
         x, dep = self._single_input((layer, "mlp"), src, lo)
-        out = lw.mlp(x, self.w.act).unsqueeze(0)
         if dep:
-            self._store([], None, [src], out, lo)
+            self._store([], None, [src], lambda: lw.mlp(x, self.w.act).unsqueeze(0), lo)
         else:
-            self._store([src], out, [], None, lo)
+            self._store([src], lw.mlp(x, self.w.act).unsqueeze(0), [], None, lo)
 
     def _single_input(self, key: GroupKey, s_end: int, lo: int) -> tuple[torch.Tensor, bool]:
         """The input of a one-row group (an MLP or Out), and whether it is per hypothesis."""
@@ -547,6 +629,8 @@ class CircuitRunner:
             return inp.x_dep[0], True
         if inp.x is not None:
             return inp.x[0], False
+        if inp.ablated is not None:
+            return inp.ablated, False
         if inp.plain_dep is not None:
             return inp.plain_dep, True
         return inp.plain, False
@@ -581,7 +665,8 @@ class CircuitRunner:
             base = self.resid_pre[layer][:, lo:]
         d = self.diff_clean.shape[-1]
         work = self._work_buffer("work", (self.n_src - s0, self.batch, self.seq_len - lo, d))
-        self._pass = ps = _Pass(n, lo, entries, s0, base.clone(), work, {} if stash else None)
+        self._pass = ps = _Pass(n, lo, entries, s0, base.clone(), work, torch.zeros_like(base),
+                                {} if stash else None)
         for lay in range(layer, self.n_layers) if stage != "out" else ():
             q_lo = last if lay == top else lo
             if lay > layer or stage == "attn":
@@ -627,7 +712,9 @@ class CircuitRunner:
         """Logits (len(edges), batch, ...) of the hypotheses "the circuit minus edges[:j+1]".
 
         The edges must be consecutive in the visit order and still in the circuit; hypothesis j
-        is exact for the current circuit with edges[0..j] removed.
+        is exact for the current circuit with edges[0..j] removed. When nothing above the chain
+        can tell the hypotheses apart, the result is one set of logits expanded over the first
+        axis (stride 0 there).
         """
         if not edges:
             raise ValueError("chain_logits needs at least one edge")
