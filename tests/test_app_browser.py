@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from explorer_page import edge_paths, explorer_status
+from explorer_page import edge_paths, explorer_status, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -53,18 +53,8 @@ def _free_port() -> int:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """Ctrl-C to the process group we started (acdc-viz, Voila); SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(5)
+    """Ctrl-C to acdc-viz and Voila, as a user would."""
+    stop_process_group(process, signal.SIGINT, 20)
 
 
 class App:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from explorer_page import edge_paths, explorer_status
+from explorer_page import edge_paths, explorer_status, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "notebooks" / "01_quickstart.ipynb"
@@ -111,18 +111,7 @@ def _lab_env(tmp: Path) -> dict[str, str]:
 
 
 def _stop(process: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM to the process group we started (the server and its kernels), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(5)
+    stop_process_group(process, signal.SIGTERM, timeout)
 
 
 @pytest.fixture
