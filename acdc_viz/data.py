@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from acdc_viz.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,13 +46,6 @@ _FORMATS_HELP = (
     ".pt (a dict {'clean': tensor, 'corrupt': tensor}, read with torch.load(weights_only=True))"
 )
 _ACCEPTED_DTYPES = (torch.int32, torch.int64)
-
-
-class DataError(ValueError):
-    """Token pairs (or the file or batch holding them) are not usable by ACDC.
-
-    A ``ValueError`` so that callers that already catch bad-argument errors catch this too.
-    """
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def resolve_step(trace: Trace, step: int | None) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be an int or None, got {type(step).__name__} {step!r}")
     step = int(step)
-    trace._check_step_arg(step)  # IndexError that names the valid range
+    trace.check_step(step)  # IndexError that names the valid range
     return step
 
 

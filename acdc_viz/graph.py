@@ -96,7 +96,12 @@ class Node:
 
     @property
     def key(self) -> str:
-        return self.name if self.position is None else f"{self.name}@{self.position}"
+        return node_key(self.name, self.position)
+
+
+def node_key(name: str, position: int | None) -> str:
+    """The key of a drawn node or port at a position: ``A1.2``, or ``A1.2@5`` when split."""
+    return name if position is None else f"{name}@{position}"
 
 
 def _feeds(src: Source, dest: Destination) -> bool:
@@ -191,9 +196,6 @@ class CircuitGraph:
         kinds.append(("Out", "out", self.n_layers, None))
         return tuple(Node(n, k, lay, h, p) for (n, k, lay, h) in kinds for p in positions)  # type: ignore[arg-type]
 
-    def node_key(self, node_name: str, position: int | None) -> str:
-        return node_name if position is None else f"{node_name}@{position}"
-
     def to_networkx(self) -> nx.MultiDiGraph:
         """A ``networkx.MultiDiGraph`` of the drawn nodes.
 
@@ -209,13 +211,26 @@ class CircuitGraph:
             g.add_node(n.key, name=n.name, kind=n.kind, layer=n.layer, head=n.head, position=n.position)
         for i, e in enumerate(self.edges):
             g.add_edge(
-                self.node_key(e.src.name, e.position),
-                self.node_key(e.dest.node, e.position),
+                node_key(e.src.name, e.position),
+                node_key(e.dest.node, e.position),
                 key=e.name,
                 port=e.dest.kind,
                 order=i,
             )
         return g
+
+    @property
+    def shape(self) -> tuple[int, int, bool, int | None]:
+        """What determines the graph completely: layers, heads, attention-only, positions."""
+        return (self.n_layers, self.n_heads, bool(self.attn_only), self.n_positions)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CircuitGraph):
+            return NotImplemented
+        return self.shape == other.shape
+
+    def __hash__(self) -> int:
+        return hash(self.shape)
 
     def __len__(self) -> int:
         return len(self.edges)

@@ -13,13 +13,10 @@ Traces are JSON, never pickle, so loading a file from someone else cannot run co
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
-import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +29,7 @@ import jsonschema
 from jsonschema.exceptions import best_match
 
 from acdc_viz.errors import AcdcVizError
+from acdc_viz.files import write_atomic
 from acdc_viz.graph import CircuitGraph
 
 FORMAT_VERSION = 1
@@ -88,11 +86,6 @@ class Step:
         }
 
 
-def _graph_key(graph: CircuitGraph) -> tuple[int, int, bool, int | None]:
-    """What determines a graph completely (CircuitGraph has no ``__eq__``)."""
-    return (graph.n_layers, graph.n_heads, bool(graph.attn_only), graph.n_positions)
-
-
 def _finite(x: Any) -> bool:
     """A finite real number; numpy and torch scalars count (the engine may hand those over)."""
     if isinstance(x, bool):
@@ -137,7 +130,7 @@ class Trace:
         if not isinstance(other, Trace):
             return NotImplemented
         return (
-            _graph_key(self.graph) == _graph_key(other.graph)
+            self.graph == other.graph
             and self.settings == other.settings
             and self.steps == other.steps
             and self.initial_metric == other.initial_metric
@@ -161,7 +154,8 @@ class Trace:
     def is_complete(self) -> bool:
         return self.status == "complete"
 
-    def _check_step_arg(self, step: int) -> None:
+    def check_step(self, step: int) -> None:
+        """Raise an IndexError naming the valid range unless ``-1 <= step < len(steps)``."""
         if not -1 <= step < len(self.steps):
             raise IndexError(
                 f"step {step} is out of range: this trace has {len(self.steps)} steps, so step "
@@ -170,7 +164,7 @@ class Trace:
 
     def removed_after(self, step: int) -> set[str]:
         """Edge names removed by steps ``0..step`` (``step=-1``: before any step)."""
-        self._check_step_arg(step)
+        self.check_step(step)
         return {s.edge for s in self.steps[: step + 1] if s.removed}
 
     def kept_after(self, step: int) -> set[str]:
@@ -191,7 +185,7 @@ class Trace:
         of the circuit ACDC goes on with: ``metric_after`` if the edge was removed, else
         ``metric_before``.
         """
-        self._check_step_arg(step)
+        self.check_step(step)
         if step == -1:
             return float(self.initial_metric)
         s = self.steps[step]
@@ -428,7 +422,11 @@ class Trace:
                 )
         return trace
 
-    def _to_json(self, source: str) -> str:
+    def to_json(self, source: str = "<trace>") -> str:
+        """The validated JSON text: deterministic, one step per line, floats exact.
+
+        ``source`` names the trace in a ``TraceError`` (a file name when saving).
+        """
         d = self.to_dict()
         _check_schema(d, source)
         self.validate(source)
@@ -439,10 +437,6 @@ class Trace:
                 f"{source}: the settings or tokens hold a value JSON cannot hold ({e}); use "
                 "plain str, int, float (finite), bool, None, list and dict with str keys"
             ) from e
-
-    def to_json(self) -> str:
-        """The validated JSON text: deterministic, one step per line, floats exact."""
-        return self._to_json("<trace>")
 
     def canonical_dict(self, exclude_timings: bool = True) -> dict[str, Any]:
         """``to_dict`` without wall-clock values, for comparing two runs of the same inputs.
@@ -467,7 +461,7 @@ def steps_equal(a: Trace, b: Trace) -> bool:
 
     Timings (``seconds``) are ignored; settings, tokens and status are not compared.
     """
-    if _graph_key(a.graph) != _graph_key(b.graph) or a.initial_metric != b.initial_metric:
+    if a.graph != b.graph or a.initial_metric != b.initial_metric:
         return False
     return [s.to_dict() | {"seconds": 0.0} for s in a.steps] == [
         s.to_dict() | {"seconds": 0.0} for s in b.steps
@@ -671,32 +665,7 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> None:
     ``path`` in one step, so a crash or an invalid trace never leaves a half-written file or
     clobbers the previous save; on error the temporary file is removed.
     """
-    path = Path(path)
-    data = trace._to_json(f"{path} (not saved)").encode("ascii")
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):  # mkstemp makes 0600; keep the usual permissions
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+    write_atomic(path, trace.to_json(f"{path} (not saved)").encode("ascii"))
 
 
 class _NonFinite(Exception):

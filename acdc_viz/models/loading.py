@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from acdc_viz.errors import ModelLoadError, describe
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -77,10 +79,6 @@ _TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
 )
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says why and how to provide it."""
 
 
 def load_model(
@@ -321,8 +319,7 @@ def _load_from_hub(name: str, *, device: str | torch.device, dtype: torch.dtype)
 
 
 def _hub_failure_message(name: str, legacy: str | None, *, reachable: bool, err: Exception) -> str:
-    text = str(err).strip()
-    cause = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    cause = describe(err)
     if not cause.endswith((".", "!", "?")):
         cause += "."
     if reachable:

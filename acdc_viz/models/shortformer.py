@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from acdc_viz.errors import describe
 from acdc_viz.models.adapter import _NORMS, LayerWeights, TransformerWeights, _norm
 from acdc_viz.models.loading import (
     ModelLoadError,
@@ -238,8 +239,7 @@ def _hub_files() -> tuple[Path, Path]:
             config = hf_hub_download(REDWOOD_REPO, CONFIG_FILE)
             checkpoint = hf_hub_download(REDWOOD_REPO, CHECKPOINT_FILE)
     except _hub_errors() as err:
-        text = str(err).strip()
-        cause = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        cause = describe(err)
         mode = "offline mode is set" if offline else "no network?" if not reachable else "online"
         raise ModelLoadError(
             f"Could not load redwood_attn_2l ({CHECKPOINT_FILE} and {CONFIG_FILE} of the Hugging "

@@ -55,3 +55,38 @@ class Task:
     token_labels: Callable[[TokenPairs], list[str]] | None = None
     check_model: Callable[[Any], None] | None = None
     graph_shape: tuple[int, int, bool] | None = None
+
+    def prepare(self, device: str = "cpu", prompts: int | None = None, seed: int = 0) -> PreparedTask:
+        """Load the model, check it fits, and make ``prompts`` prompt pairs (default: the task's).
+
+        The one set-up that the CLI, sweeps and the widget share.
+        """
+        model = self.load_model(device)
+        if self.check_model is not None:
+            self.check_model(model)
+        pairs = self.make_pairs(prompts or self.default_prompts, seed)
+        metrics: dict[str, Any] = {"kl": "kl", "mse": "mse"}
+        metrics.update({name: make(pairs) for name, make in self.metrics.items()})
+        tokens = self.token_labels(pairs) if self.token_labels else None
+        return PreparedTask(self, model, pairs, metrics, tokens)
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task ready to run: its model loaded, its prompts made, its metrics built for them.
+
+    ``metrics`` maps each metric name (``"kl"``, ``"mse"`` and the task's own) to what
+    ``Acdc(metric=...)`` takes; ``tokens`` labels the figure's columns.
+    """
+
+    task: Task
+    model: Any
+    pairs: TokenPairs
+    metrics: dict[str, Any]
+    tokens: list[str] | None
+
+    def canonical(self, positions: bool) -> frozenset[str] | None:
+        """The task's canonical circuit for these prompts, or None when it has none."""
+        if self.task.canonical_edges is None:
+            return None
+        return frozenset(self.task.canonical_edges(positions, self.pairs.seq_len))
