@@ -26,6 +26,7 @@ from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
 from acdc_viz.patching import ABLATIONS, CircuitRunner
+from acdc_viz.taus import check_tau
 from acdc_viz.trace import Step, Trace
 
 log = logging.getLogger(__name__)
@@ -45,22 +46,6 @@ class ApproximateWarning(UserWarning):
 
 class DecisionMismatch(AcdcVizError, AssertionError):
     """``test_mode`` found the fast engine and the hooked slow path disagreeing."""
-
-
-def check_tau(tau: Any) -> float:
-    """tau must be a finite, non-negative number."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        try:
-            tau = float(tau)
-        except (TypeError, ValueError):
-            raise SettingsError(f"tau must be a number, got {tau!r}") from None
-    tau = float(tau)
-    if math.isnan(tau) or math.isinf(tau) or tau < 0:
-        raise SettingsError(
-            f"tau must be a finite number >= 0, got {tau}. ACDC removes an edge when the metric "
-            "grows by less than tau; typical values are 1e-4 .. 1e-1."
-        )
-    return tau
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -67,9 +67,9 @@ def app_settings(query: str | None = None, env: Mapping[str, str] | None = None)
         SettingsError: an unknown query key, a bad tau, a bad ``positions`` flag.
         ValueError: an unknown layout.
     """
-    from acdc_viz.acdc import check_tau
     from acdc_viz.layout import check_layout
     from acdc_viz.tasks import get_task
+    from acdc_viz.taus import check_tau
 
     env = os.environ if env is None else env
     query = env.get("QUERY_STRING", "") if query is None else query

@@ -342,8 +342,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, Any]]:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from acdc_viz.acdc import Acdc, check_tau
+    from acdc_viz.acdc import Acdc
     from acdc_viz.errors import RunOutOfMemory
+    from acdc_viz.taus import check_tau
     from acdc_viz.trace import load_trace, save_trace
 
     if args.tau is not None:

@@ -12,7 +12,6 @@ example ``acdc_prune_scores``' output).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -134,17 +133,3 @@ def roc_figure(rocs: Mapping[str, Roc], title: str = "ROC against the canonical 
                       xaxis_range=[0, 1], yaxis_range=[0, 1.02], width=520, height=480,
                       template="plotly_white")
     return fig
-
-
-def parse_taus(spec: str) -> list[float]:
-    """``"1e-5:1e-1:20"`` (log-spaced, inclusive) or ``"0.01,0.03,0.1"``."""
-    if ":" in spec:
-        lo, hi, n = spec.split(":")
-        lo_f, hi_f, count = float(lo), float(hi), int(n)
-        if not (lo_f > 0 and hi_f > lo_f and count >= 2):
-            raise ValueError(f"bad tau range {spec!r}: expected LOW:HIGH:COUNT with 0 < LOW < HIGH, COUNT >= 2")
-        return [float(f"{x:.6g}") for x in np.geomspace(lo_f, hi_f, count)]
-    taus = [float(x) for x in spec.split(",") if x.strip()]
-    if not taus or any(math.isnan(t) or t < 0 for t in taus):
-        raise ValueError(f"bad tau list {spec!r}")
-    return taus

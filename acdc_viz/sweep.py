@@ -40,12 +40,13 @@ from typing import Any
 
 import torch
 
-from acdc_viz.acdc import Acdc, check_tau, data_hash, resolve_device, resolve_dtype
+from acdc_viz.acdc import Acdc, data_hash, resolve_device, resolve_dtype
 from acdc_viz.data import DataError, TokenPairs
 from acdc_viz.errors import AcdcVizError, ModelSupportError, SettingsError
 from acdc_viz.metrics import Metric, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
 from acdc_viz.patching import ABLATIONS
+from acdc_viz.taus import check_tau, parse_taus
 from acdc_viz.trace import Trace, TraceError, load_trace, save_trace
 
 log = logging.getLogger(__name__)
@@ -383,12 +384,7 @@ def _metric_keys(problem: _Problem, metric: Any) -> list[str]:
 
 def _taus(taus: str | Iterable[float]) -> list[float]:
     if isinstance(taus, str):
-        from acdc_viz.evaluate import parse_taus
-
-        try:
-            taus = parse_taus(taus)
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from None
+        taus = parse_taus(taus)
     out = sorted({check_tau(t) for t in taus})
     if not out:
         raise SettingsError("a sweep needs at least one tau")

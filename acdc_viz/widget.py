@@ -25,14 +25,14 @@ import ipywidgets as w
 import plotly.graph_objects as go
 import torch
 
-from acdc_viz.acdc import Acdc, check_tau
+from acdc_viz.acdc import Acdc
 from acdc_viz.data import TokenPairs
 from acdc_viz.errors import SettingsError
-from acdc_viz.evaluate import parse_taus
 from acdc_viz.figure import TRACE_IDS, build_figure, update_figure
 from acdc_viz.layout import LAYOUTS
 from acdc_viz.sweep import SweepResult, SweepRun
 from acdc_viz.sweep import sweep as run_sweep
+from acdc_viz.taus import check_tau, parse_taus
 from acdc_viz.trace import Trace, save_trace
 
 log = logging.getLogger(__name__)

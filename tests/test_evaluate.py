@@ -8,12 +8,12 @@ import pytest
 
 from acdc_viz.evaluate import (
     edge_nodes,
-    parse_taus,
     roc_figure,
     roc_from_circuits,
     roc_from_scores,
     sweep_rocs,
 )
+from acdc_viz.taus import parse_taus
 
 EDGES = ["A1.0->Out", "A0.1->A1.0.k", "Embed->A1.0.q", "MLP0->Out", "A0.0->Out", "Embed->Out"]
 CANON = {"A1.0->Out", "A0.1->A1.0.k", "Embed->A1.0.q"}
