@@ -11,7 +11,7 @@ edges, half of the edges tested, about 70% of those removed. For each:
 - encode: JSON-encoding all the traces' data, an upper bound on what a notebook adds per
   step to send the update to the browser.
 
-Target (DESIGN.md): an update takes <= 30 ms for 2,000 drawn edges.
+Target (docs/architecture.md): an update takes <= 30 ms for 2,000 drawn edges.
 
     python benchmarks/bench_figure.py [--repeats N]
 """

@@ -64,7 +64,9 @@ def reverse_program() -> tuple[Any, set[Any]]:
     """The ACDC code's reverse program (the names only make the residual labels readable)."""
     from tracr.rasp import rasp
 
-    length = rasp.SelectorWidth(rasp.Select(rasp.tokens, rasp.tokens, rasp.Comparison.TRUE)).named("length")
+    length = rasp.SelectorWidth(rasp.Select(rasp.tokens, rasp.tokens, rasp.Comparison.TRUE)).named(
+        "length"
+    )
     opp_idx = (length - rasp.indices).named("opp_idx")
     opp_idx = (opp_idx - 1).named("opp_idx-1")
     flip = rasp.Select(rasp.indices, opp_idx, rasp.Comparison.EQ)
@@ -97,13 +99,16 @@ def compile_program(name: str) -> tuple[Any, Any]:
 
 
 def output_directions(program: Any, compiled: Any) -> tuple[list[int], list[str] | None]:
-    """Residual indices that tracr unembeds, in output-id order, and the output tokens (None if numeric)."""
+    """Residual indices that tracr unembeds, in output-id order, and the output tokens (None if
+    numeric)."""
     from tracr.rasp import rasp
 
     labels = compiled.residual_labels
     if rasp.is_categorical(program):
         outputs = sorted(compiled.output_encoder.encoding_map.items(), key=lambda kv: kv[1])
-        return [labels.index(f"{program.label}:{value}") for value, _ in outputs], [str(v) for v, _ in outputs]
+        return [labels.index(f"{program.label}:{value}") for value, _ in outputs], [
+            str(v) for v, _ in outputs
+        ]
     return [labels.index(program.label)], None
 
 
@@ -118,9 +123,14 @@ def convert(program: Any, compiled: Any) -> tuple[Any, dict[str, Any]]:
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-    p = {k: {kk: np.asarray(vv, dtype=np.float32) for kk, vv in v.items()} for k, v in compiled.params.items()}
+    p = {
+        k: {kk: np.asarray(vv, dtype=np.float32) for kk, vv in v.items()}
+        for k, v in compiled.params.items()
+    }
     mc = compiled.model_config
-    assert not mc.layer_norm and not mc.causal, "the ACDC programs compile without LayerNorm, non-causal"
+    assert not mc.layer_norm and not mc.causal, (
+        "the ACDC programs compile without LayerNorm, non-causal"
+    )
     out_dirs, _ = output_directions(program, compiled)
     d_model = len(compiled.residual_labels)
     config = {
@@ -134,11 +144,20 @@ def convert(program: Any, compiled: Any) -> tuple[Any, dict[str, Any]]:
     heads, d_head = config["n_heads"], config["d_head"]
     assert p["transformer/layer_0/attn/query"]["w"].shape[1] == heads * d_head
 
-    state = {"embed.weight": p["token_embed"]["embeddings"], "pos_embed.weight": p["pos_embed"]["embeddings"]}
+    state = {
+        "embed.weight": p["token_embed"]["embeddings"],
+        "pos_embed.weight": p["pos_embed"]["embeddings"],
+    }
     for layer in range(config["n_layers"]):
         tracr_layer = f"transformer/layer_{layer}"
-        ours = {"attn.q": "attn/query", "attn.k": "attn/key", "attn.v": "attn/value", "attn.o": "attn/linear",
-                "mlp.in": "mlp/linear_1", "mlp.out": "mlp/linear_2"}
+        ours = {
+            "attn.q": "attn/query",
+            "attn.k": "attn/key",
+            "attn.v": "attn/value",
+            "attn.o": "attn/linear",
+            "mlp.in": "mlp/linear_1",
+            "mlp.out": "mlp/linear_2",
+        }
         for tl_name, tracr_name in ours.items():   # haiku stores (in, out); torch Linear (out, in)
             state[f"blocks.{layer}.{tl_name}.weight"] = p[f"{tracr_layer}/{tracr_name}"]["w"].T
             state[f"blocks.{layer}.{tl_name}.bias"] = p[f"{tracr_layer}/{tracr_name}"]["b"]
@@ -148,7 +167,9 @@ def convert(program: Any, compiled: Any) -> tuple[Any, dict[str, Any]]:
     state["unembed.bias"] = np.zeros(len(out_dirs), dtype=np.float32)
 
     bridge = TransformerBridge.boot_native(TransformerBridgeConfig(**config), device="cpu")
-    bridge.load_state_dict({k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+    bridge.load_state_dict(
+        {k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True
+    )
     bridge.eval()
     return bridge, config
 
@@ -158,7 +179,7 @@ def _f32(x: float) -> float:
 
 
 def tracr_reference(program: Any, compiled: Any) -> dict[str, Any]:
-    """tracr's outputs on every input, batched by length: the output space and the decoded values."""
+    """tracr's outputs on every input, batched by length: output space and decoded values."""
     import jax
     import jax.numpy as jnp
 
@@ -181,7 +202,8 @@ def tracr_reference(program: Any, compiled: Any) -> dict[str, Any]:
         row = inputs[str(len(seq))].index(enc.encode(seq))
         recorded = decoded[str(len(seq))][row]
         assert applied[0] == recorded[0] and all(
-            _same(a, b) for a, b in zip(applied[1:], recorded[1:], strict=True)), (seq, applied, recorded)
+            _same(a, b) for a, b in zip(applied[1:], recorded[1:], strict=True)
+        ), (seq, applied, recorded)
     return {"inputs": inputs, "outputs": outputs, "decoded": decoded}
 
 
@@ -205,15 +227,22 @@ def check_equal(bridge: Any, reference: dict[str, Any], categorical: bool) -> fl
         worst = max(worst, float(np.abs(ours - theirs).max()))
         if categorical:
             labels = reference["tokens_out"]
-            ours_decoded = [[BOS] + [labels[i] for i in row[1:]] for row in ours.argmax(-1).tolist()]
-            assert ours_decoded == reference["decoded"][key], f"decoded outputs differ at length {key}"
+            ours_decoded = [
+                [BOS] + [labels[i] for i in row[1:]] for row in ours.argmax(-1).tolist()
+            ]
+            assert ours_decoded == reference["decoded"][key], (
+                f"decoded outputs differ at length {key}"
+            )
     if worst > OUTPUT_ATOL:
         raise AssertionError(f"the converted model differs from tracr by {worst:.3g}")
     return worst
 
 
-def check_with_hooks(bridge: Any, tokens: torch.Tensor, circuit: list[str], positions: bool) -> float:
-    """Zero-ablate everything outside ``circuit`` with the hooked slow path (an independent forward)."""
+def check_with_hooks(
+    bridge: Any, tokens: torch.Tensor, circuit: list[str], positions: bool
+) -> float:
+    """Zero-ablate everything outside ``circuit`` with the hooked slow path (an independent
+    forward)."""
     from acdc_viz.graph import CircuitGraph
     from acdc_viz.hooked import hooked_logits
 
@@ -224,7 +253,9 @@ def check_with_hooks(bridge: Any, tokens: torch.Tensor, circuit: list[str], posi
     ablated = hooked_logits(bridge, tokens, tokens, removed, "zero", last_position_only=False)
     deviation = float((ablated[:, 1:] - full[:, 1:]).abs().max())
     if deviation > tasks_tracr.EFFECT_TOL:
-        raise AssertionError(f"the hooked slow path disagrees: outside the circuit moves outputs by {deviation:.3g}")
+        raise AssertionError(
+            f"the hooked slow path disagrees: outside the circuit moves outputs by {deviation:.3g}"
+        )
     return deviation
 
 
@@ -245,19 +276,28 @@ def build(name: str, out: Path) -> dict[str, Any]:
     labels = list(compiled.residual_labels)
     circuit: dict[str, Any] = {"edges": {}, "by_position": {}, "effects": {}}
     for length in range(2, MAX_SEQ_LEN + 2):
-        derived = tasks_tracr.derive_circuit(bridge, labels, torch.tensor(reference["inputs"][str(length)]))
+        derived = tasks_tracr.derive_circuit(
+            bridge, labels, torch.tensor(reference["inputs"][str(length)])
+        )
         circuit["flow"] = derived.flow
         circuit["edges"][str(length)] = derived.edges
         circuit["by_position"][str(length)] = derived.by_position
         circuit["effects"][str(length)] = derived.effects
     prompt = torch.tensor(reference["inputs"][str(tasks_tracr.PROMPT_TOKENS)])
-    check_with_hooks(bridge, prompt, circuit["edges"][str(tasks_tracr.PROMPT_TOKENS)], positions=False)
-    check_with_hooks(bridge, prompt, circuit["by_position"][str(tasks_tracr.PROMPT_TOKENS)], positions=True)
+    check_with_hooks(
+        bridge, prompt, circuit["edges"][str(tasks_tracr.PROMPT_TOKENS)], positions=False
+    )
+    check_with_hooks(
+        bridge, prompt, circuit["by_position"][str(tasks_tracr.PROMPT_TOKENS)], positions=True
+    )
 
     build_info = {
         "script": "scripts/build_tracr.py",
         "program": PROGRAMS[name][1],
-        "versions": {pkg: version(pkg) for pkg in ("tracr-pypi", "jax", "dm-haiku", "torch", "transformer-lens")},
+        "versions": {
+            pkg: version(pkg)
+            for pkg in ("tracr-pypi", "jax", "dm-haiku", "torch", "transformer-lens")
+        },
         "tokens": tokens,
         "bos_token": enc.bos_token,
         "pad_token": enc.pad_token,
@@ -272,9 +312,9 @@ def build(name: str, out: Path) -> dict[str, Any]:
     ref_dir.mkdir(parents=True, exist_ok=True)
     reference_file = {
         "task": name,
-        "about": "tracr's own compiled model on every input: inputs and outputs keyed by length (BOS "
-                 "included); outputs are the residual stream's output directions, as the bridge's "
-                 "logits; decoded is tracr's decoding (BOS at position 0).",
+        "about": "tracr's own compiled model on every input: inputs and outputs keyed by length "
+        "(BOS included); outputs are the residual stream's output directions, as the bridge's "
+        "logits; decoded is tracr's decoding (BOS at position 0).",
         "program": PROGRAMS[name][1],
         "versions": build_info["versions"],
         **reference,
@@ -290,7 +330,9 @@ def build(name: str, out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=BUNDLED_DIR, help="where to write (default: the package)")
+    parser.add_argument(
+        "--out", type=Path, default=BUNDLED_DIR, help="where to write (default: the package)"
+    )
     parser.add_argument("--only", choices=sorted(PROGRAMS), help="build one model")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)   # tiny matrices: threads only add contention (10x slower on 2 cores)

@@ -44,14 +44,34 @@ def free_port() -> int:
 
 def start_app(task: str, tmp: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_DATA_DIR=str(tmp / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), IPYTHONDIR=str(tmp / "ipython"),
-               HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(tmp / "config"),
+        JUPYTER_DATA_DIR=str(tmp / "data"),
+        JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
+        IPYTHONDIR=str(tmp / "ipython"),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "acdc_viz", "app", "--task", task, "--port", str(port), "--no-browser"],
-        cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "acdc_viz",
+            "app",
+            "--task",
+            task,
+            "--port",
+            str(port),
+            "--no-browser",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     url = process.stdout.readline().strip()
     deadline = time.monotonic() + 60
     while True:
@@ -60,7 +80,9 @@ def start_app(task: str, tmp: Path) -> tuple[subprocess.Popen, str]:
             return process, url
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"acdc-viz app did not start (exit status {process.poll()})") from None
+                raise SystemExit(
+                    f"acdc-viz app did not start (exit status {process.poll()})"
+                ) from None
             time.sleep(0.2)
 
 
@@ -88,8 +110,12 @@ def record(url: str, frames: list[tuple[bytes, int]], bursts: int, burst_ms: int
         top = page.locator(".acdc-app-header").bounding_box()
         figure = page.locator(".acdc-figure").bounding_box()
         y0 = max(0, top["y"] - 6)
-        clip = {"x": 0, "y": y0, "width": min(viewport["width"], figure["x"] + figure["width"] + 12),
-                "height": figure["y"] + figure["height"] - y0 + 6}
+        clip = {
+            "x": 0,
+            "y": y0,
+            "width": min(viewport["width"], figure["x"] + figure["width"] + 12),
+            "height": figure["y"] + figure["height"] - y0 + 6,
+        }
 
         def status() -> tuple[int, int]:
             match = STATUS.search(page.locator(".acdc-status").inner_text().replace("\xa0", " "))
@@ -144,7 +170,9 @@ def record(url: str, frames: list[tuple[bytes, int]], bursts: int, burst_ms: int
         browser.close()
 
 
-def assemble(frames: list[tuple[bytes, int]], out: Path, width: int, frames_dir: Path | None) -> None:
+def assemble(
+    frames: list[tuple[bytes, int]], out: Path, width: int, frames_dir: Path | None
+) -> None:
     from PIL import Image
 
     images = []
@@ -184,7 +212,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1280, help="GIF width in pixels")
     parser.add_argument("--viewport", default="1700x1000",
                         help="browser window WIDTHxHEIGHT (wide enough for the whole seq-graph)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots" / "explorer-run.gif")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs" / "screenshots" / "explorer-run.gif"
+    )
     parser.add_argument("--frames-dir", type=Path, help="also keep each frame as a PNG here")
     args = parser.parse_args()
     if args.frames_dir:
@@ -198,8 +228,13 @@ def main() -> None:
         process, url = start_app(args.task, Path(tmp))
         try:
             width, height = (int(v) for v in args.viewport.split("x"))
-            record(url + ("?" + urlencode(query) if query else ""), frames, args.bursts, args.burst_ms,
-                   {"width": width, "height": height})
+            record(
+                url + ("?" + urlencode(query) if query else ""),
+                frames,
+                args.bursts,
+                args.burst_ms,
+                {"width": width, "height": height},
+            )
         finally:
             stop(process)
     assemble(frames, args.out, args.width, args.frames_dir)

@@ -52,14 +52,28 @@ SCORE_PROMPTS = 200
 SEGMENT_LENS = (3, 11)
 
 HYPERPARAMS: dict[str, dict[str, float]] = {
-    "induction-attn-only-2l": {"steps": 1000, "batch": 128, "lr": 3e-3, "weight_decay": 0.01, "warmup": 100,
-                               "mlp_start": 0},
-    "induction-gpt2-2l": {"steps": 1500, "batch": 128, "lr": 3e-3, "weight_decay": 0.01, "warmup": 100,
-                          "mlp_start": 600},
+    "induction-attn-only-2l": {
+        "steps": 1000,
+        "batch": 128,
+        "lr": 3e-3,
+        "weight_decay": 0.01,
+        "warmup": 100,
+        "mlp_start": 0,
+    },
+    "induction-gpt2-2l": {
+        "steps": 1500,
+        "batch": 128,
+        "lr": 3e-3,
+        "weight_decay": 0.01,
+        "warmup": 100,
+        "mlp_start": 600,
+    },
 }
 
 
-def training_batch(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_batch(
+    batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (batch, n_ctx), targets and a loss mask for ``BOS, prefix, A, A, suffix``."""
     n = task.N_CTX + 1
     seg = torch.randint(SEGMENT_LENS[0], SEGMENT_LENS[1] + 1, (batch, 1), generator=generator)
@@ -71,7 +85,7 @@ def training_batch(batch: int, generator: torch.Generator) -> tuple[torch.Tensor
     start2 = 1 + prefix + seg                                 # first position of the second copy
     second = (pos >= start2) & (pos < start2 + seg)
     seq = tokens.gather(1, torch.where(second, pos - seg, pos))
-    predictable = second & (pos > start2)                     # target positions only induction predicts
+    predictable = second & (pos > start2)  # target positions only induction predicts
     return seq[:, :-1], seq[:, 1:], predictable[:, 1:]
 
 
@@ -108,7 +122,7 @@ def train(name: str, overrides: dict[str, float]) -> dict:
         p for layer in range(config["n_layers"]) for p in model.blocks[layer].mlp.parameters()
     ]
     if hp["mlp_start"]:
-        with torch.no_grad():                                   # the MLPs add nothing until mlp_start
+        with torch.no_grad():  # the MLPs add nothing until mlp_start
             for layer in range(config["n_layers"]):
                 model.blocks[layer].mlp.out.weight.zero_()
                 model.blocks[layer].mlp.out.bias.zero_()
@@ -128,16 +142,24 @@ def train(name: str, overrides: dict[str, float]) -> dict:
                 raise RuntimeError(f"no gradient reaches {missing}")
         if step < hp["mlp_start"]:
             for p in mlp_params:
-                p.grad = None                                   # AdamW skips them: frozen at zero output
+                p.grad = None  # AdamW skips them: frozen at zero output
         opt.step()
         sched.step()
         if step % 250 == 0 or step == total - 1:
             model.eval()
             acc = induction_accuracy(model, eval_pairs)
             model.train()
-            history.append({"step": step, "loss": round(loss.item(), 4), "induction_accuracy": round(acc, 4)})
-            log.info("%s step %d loss %.4f induction accuracy %.3f (%.0f s)", name, step, loss.item(),
-                     acc, time.perf_counter() - start)
+            history.append(
+                {"step": step, "loss": round(loss.item(), 4), "induction_accuracy": round(acc, 4)}
+            )
+            log.info(
+                "%s step %d loss %.4f induction accuracy %.3f (%.0f s)",
+                name,
+                step,
+                loss.item(),
+                acc,
+                time.perf_counter() - start,
+            )
     seconds = time.perf_counter() - start
     model.eval()
     return {"model": model, "config": config, "hp": hp, "seconds": seconds, "history": history}
@@ -187,8 +209,11 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
 
     for name in args.only or sorted(task.MODEL_CONFIGS):
-        overrides = {k: v for k in ("steps", "batch", "lr", "weight_decay", "mlp_start", "init_seed")
-                     if (v := getattr(args, k)) is not None}
+        overrides = {
+            k: v
+            for k in ("steps", "batch", "lr", "weight_decay", "mlp_start", "init_seed")
+            if (v := getattr(args, k)) is not None
+        }
         result = train(name, overrides)
         info = analyse(name, result["model"])
         build = {
@@ -198,11 +223,18 @@ def main() -> None:
             "hyperparameters": result["hp"],
             "segment_lengths": list(SEGMENT_LENS),
             "train_seconds": round(result["seconds"], 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread",
-            "versions": {"torch": torch.__version__, "transformer_lens": version("transformer-lens")},
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch thread",
+            "versions": {
+                "torch": torch.__version__,
+                "transformer_lens": version("transformer-lens"),
+            },
             "history": result["history"],
             "head_scores": info["scores"],
-            "thresholds": {"previous_token": task.PREV_THRESHOLD, "induction": task.INDUCTION_THRESHOLD},
+            "thresholds": {
+                "previous_token": task.PREV_THRESHOLD,
+                "induction": task.INDUCTION_THRESHOLD,
+            },
             "heads": info["heads"],
             "canonical_edges": info["canonical"],
             "circuit_check": info["check"],

@@ -1,4 +1,4 @@
-"""Rebuild the gallery: run ACDC on the bundled tasks and random GPT-2s, render PNGs (docs/gallery.md).
+"""Rebuild the gallery (docs/gallery.md): ACDC on the bundled tasks and random GPT-2s, as PNGs.
 
     python docs/gallery/make_gallery.py [--traces DIR] [--positions-run]
 
