@@ -16,6 +16,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +25,10 @@ from acdc_viz.data import TokenPairs
 from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
 from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
-from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
+from acdc_viz.models.adapter import TransformerWeights, from_model, model_config
+from acdc_viz.models.adapter import config_hash as hash_config
 from acdc_viz.patching import ABLATIONS, CircuitRunner
+from acdc_viz.runtime import display_name, model_device, package_versions
 from acdc_viz.taus import check_tau
 from acdc_viz.trace import Step, Trace
 
@@ -53,7 +56,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SettingsError(f"device {str(device)!r} was asked for, but CUDA is not available here; use 'cpu'")
+        raise SettingsError(f"device {str(device)!r} was asked for, but CUDA is not available "
+                            "here; use 'cpu'")
     return dev
 
 
@@ -66,23 +70,30 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("acdc_viz", "torch", "transformer_lens"):
-        try:
-            out[pkg] = version(pkg.replace("_", "-"))
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
+    """The versions a trace records: Python, acdc_viz, torch and TransformerLens."""
+    versions = {"python": platform.python_version()}
+    versions.update({p: v or "unknown" for p, v in package_versions().items()})
+    return versions
 
 
 def data_hash(pairs: TokenPairs) -> str:
-    h = hashlib.sha256()
-    for t in (pairs.clean, pairs.corrupt):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.to("cpu", torch.int64).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short hash of the prompt pairs: a resumed run must have the same."""
+    digest = hashlib.sha256()
+    for tokens in (pairs.clean, pairs.corrupt):
+        digest.update(str(tuple(tokens.shape)).encode())
+        digest.update(tokens.to("cpu", torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class _ChainCursor:
+    """The chain of hypotheses being walked, and how far the steps have walked it."""
+
+    start: int                      # the index of its first edge in the visit order
+    edges: tuple[Edge, ...]
+    metrics: list[float]            # the metric of each hypothesis
+    seconds: float                  # the chain's time, booked on the first step recorded
+    next: int = 0                   # the next edge to walk
 
 
 class Acdc:
@@ -118,6 +129,9 @@ class Acdc:
             ``DecisionMismatch`` if it disagrees.
         resume: a stopped ``Trace`` of the same model, data and settings to continue.
         model_name: how the trace names the model.
+        config_hash: the model's config hash for the trace, when ``model`` is
+            ``TransformerWeights`` of a known model (sweeps on Ray), so that the trace equals a
+            run on the model itself; by default the model's own hash, or ``"weights"``.
         tokens: token strings of one prompt, for the figure's column labels.
     """
 
@@ -139,7 +153,10 @@ class Acdc:
         model_name: str | None = None,
         tokens: list[str] | None = None,
         batch_hypotheses: int | None = None,
+        config_hash: str | None = None,
     ) -> None:
+        """Check the settings, build the engine on ``device`` and record the initial metric
+        (see the class for the arguments)."""
         self.tau = check_tau(tau)
         if ablation not in ABLATIONS:
             raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
@@ -148,25 +165,30 @@ class Acdc:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if batch_hypotheses is not None and (isinstance(batch_hypotheses, bool)
-                                             or not isinstance(batch_hypotheses, int) or batch_hypotheses < 1):
-            raise SettingsError(f"batch_hypotheses must be a whole number >= 1 or None, got {batch_hypotheses!r}")
+                                             or not isinstance(batch_hypotheses, int)
+                                             or batch_hypotheses < 1):
+            raise SettingsError("batch_hypotheses must be a whole number >= 1 or None, "
+                                f"got {batch_hypotheses!r}")
         if self.dtype in APPROXIMATE_DTYPES:
             warnings.warn(
-                f"ACDC in {self.dtype} is approximate: an edge whose delta is within rounding of tau "
-                "can be decided differently than in float32 (see benchmarks/bench_engine.py --flips).",
+                f"ACDC in {self.dtype} is approximate: an edge whose delta is within rounding of "
+                "tau can be decided differently than in float32 (see benchmarks/bench_engine.py "
+                "--flips).",
                 ApproximateWarning, stacklevel=2)
         pairs = pairs if isinstance(pairs, TokenPairs) else TokenPairs.from_batch(pairs)
         self.pairs = pairs
         self.model = None if isinstance(model, TransformerWeights) else model
         if isinstance(model, TransformerWeights):
             weights = model
-            cfg_hash = "weights"
+            own_hash = "weights"
         else:
             pairs.check_vocab(int(model_config(model).d_vocab))
-            weights = from_model(model, pairs.clean[: min(4, pairs.batch_size)].to(_model_device(model)))
-            cfg_hash = config_hash(model.cfg)
+            check_tokens = pairs.clean[: min(4, pairs.batch_size)].to(model_device(model))
+            weights = from_model(model, check_tokens)
+            own_hash = hash_config(model.cfg)
         if positions and pairs.seq_len > weights.n_ctx:
-            raise SettingsError(f"prompts of {pairs.seq_len} tokens exceed the model's context of {weights.n_ctx}")
+            raise SettingsError(f"prompts of {pairs.seq_len} tokens exceed the model's context "
+                                f"of {weights.n_ctx}")
         self.weights = weights.to(self.device, self.dtype)
         self.graph = CircuitGraph(
             weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
@@ -175,25 +197,29 @@ class Acdc:
         self.ablation = ablation
         self.test_mode = test_mode
         if test_mode and self.model is None:
-            raise SettingsError("test_mode needs the TransformerLens model itself, not TransformerWeights")
-        clean, corrupt = (t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
-                          else t.to(self.device) for t in (pairs.clean, pairs.corrupt))
+            raise SettingsError("test_mode needs the TransformerLens model itself, "
+                                "not TransformerWeights")
+        clean, corrupt = (t.pin_memory().to(self.device, non_blocking=True)
+                          if self.device.type == "cuda" else t.to(self.device)
+                          for t in (pairs.clean, pairs.corrupt))
         self._clean, self._corrupt = clean, corrupt
-        self.runner = CircuitRunner(self.weights, self.graph, clean, corrupt, ablation,  # type: ignore[arg-type]
+        self.runner = CircuitRunner(self.weights, self.graph, clean, corrupt, ablation,
                                     last_position_only=self.metric.last_position_only)
         self.adaptive = batch_hypotheses is None
         self.batch_hypotheses = batch_hypotheses or self._auto_hypotheses()
         self._chain_length = 1 if self.adaptive else self.batch_hypotheses
-        self._chain: list | None = None         # the chain being walked: start, edges, metrics, seconds, next
+        self._chain: _ChainCursor | None = None
         self._resume_at: int | None = None      # where a resumed run's first chain starts
         # Metrics of half-precision runs are computed in float32: a KL of bfloat16 logits is
         # noise at the size of a typical tau.
-        self._full = self.runner.full_logits.float() if self.dtype in APPROXIMATE_DTYPES else self.runner.full_logits
+        full = self.runner.full_logits
+        self._full = full.float() if self.dtype in APPROXIMATE_DTYPES else full
         initial = self.metric(self._full, self._full)
         self.trace = Trace(
             settings={
-                "model": {"name": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or "model",
-                          "config_hash": cfg_hash, "n_layers": weights.n_layers,
+                "model": {"name": display_name(model, model_name),
+                          "config_hash": config_hash if config_hash is not None else own_hash,
+                          "n_layers": weights.n_layers,
                           "n_heads": weights.n_heads, "d_model": int(weights.W_E.shape[1]),
                           "attn_only": weights.attn_only, "causal": weights.causal},
                 "tau": self.tau, "metric": self.metric.name, "ablation": ablation,
@@ -212,15 +238,19 @@ class Acdc:
     # ----- resume ------------------------------------------------------------------------------
 
     def _replay(self, old: Trace) -> None:
-        keys = ("model", "tau", "metric", "ablation", "positions", "abs_delta", "data_hash", "dtype")
+        """Continue a stopped trace: check that it has this run's settings, then remove the
+        edges it removed, up to the chain that the stop cut."""
+        keys = ("model", "tau", "metric", "ablation", "positions", "abs_delta", "data_hash",
+                "dtype")
         for key in keys:
-            a, b = old.settings.get(key), self.trace.settings.get(key)
+            recorded, current = old.settings.get(key), self.trace.settings.get(key)
             if key == "model":
-                a = {k: v for k, v in (a or {}).items() if k != "name"}
-                b = {k: v for k, v in b.items() if k != "name"}
-            if a != b:
+                recorded = {k: v for k, v in (recorded or {}).items() if k != "name"}
+                current = {k: v for k, v in (current or {}).items() if k != "name"}
+            if recorded != current:
                 raise SettingsError(
-                    f"cannot resume: the trace was recorded with {key}={a!r}, this run has {key}={b!r}. "
+                    f"cannot resume: the trace was recorded with {key}={recorded!r}, this run "
+                    f"has {key}={current!r}. "
                     "Resume with the same model, data and settings, or start a new run."
                 )
         start = self._interrupted_chain(old.steps)
@@ -255,18 +285,19 @@ class Acdc:
         if self.device.type != "cuda":
             return MAX_HYPOTHESES_CPU
         free, _ = torch.cuda.mem_get_info(self.device)
-        w, p = self.weights, self.pairs
-        d, elt = int(w.W_E.shape[1]), torch.finfo(self.dtype).bits // 8
-        per_position = d * (4 * w.n_heads + 8) + w.n_heads * p.seq_len
-        outputs = w.d_vocab * 3 * (1 if self.metric.last_position_only else p.seq_len)
-        per_hypothesis = elt * p.batch_size * (p.seq_len * per_position + outputs)
+        weights, pairs = self.weights, self.pairs
+        d_model, value_bytes = int(weights.W_E.shape[1]), torch.finfo(self.dtype).bits // 8
+        per_position = d_model * (4 * weights.n_heads + 8) + weights.n_heads * pairs.seq_len
+        outputs = weights.d_vocab * 3 * (1 if self.metric.last_position_only else pairs.seq_len)
+        per_hypothesis = value_bytes * pairs.batch_size * (pairs.seq_len * per_position + outputs)
         return max(1, min(MAX_HYPOTHESES, int(0.5 * free / per_hypothesis)))
 
     def _chain_metrics(self, chain: tuple[Edge, ...]) -> list[float]:
         """The metric of each hypothesis of the chain, with one device-to-host copy."""
         logits = self.runner.chain_logits(chain)
         if len(chain) > 1 and logits.stride(0) == 0:      # every hypothesis has the same logits
-            return self.metric.many(logits[:1].to(self._full.dtype), self._full).double().tolist() * len(chain)
+            metric = self.metric.many(logits[:1].to(self._full.dtype), self._full)
+            return metric.double().tolist() * len(chain)
         return self.metric.many(logits.to(self._full.dtype), self._full).double().tolist()
 
     def _evaluate(self, index: int) -> tuple[tuple[Edge, ...], list[float]]:
@@ -285,9 +316,10 @@ class Acdc:
                         torch.cuda.empty_cache()
                     continue
                 raise RunOutOfMemory(
-                    f"out of memory while testing edge {index} ({chain[0].name}) on {self.device}: "
-                    f"{exc}. The {index} steps so far are kept (exception.trace; save it and resume). "
-                    f"Try a smaller batch than {self.pairs.batch_size} prompts, or a shorter prompt.",
+                    f"out of memory while testing edge {index} ({self.graph.edges[index].name}) on "
+                    f"{self.device}: {exc}. The {index} steps so far are kept (exception.trace; "
+                    f"save it and resume). Try a smaller batch than {self.pairs.batch_size} "
+                    "prompts, or a shorter prompt.",
                     trace=self.trace,
                 ) from exc
 
@@ -299,14 +331,16 @@ class Acdc:
         starts at its lowest destination, so no hypothesis is recomputed from below its block)."""
         chain = self.graph.edges[index: index + min(self._chain_length, self.batch_hypotheses)]
         start = self.runner.start_of(chain[0])
-        return chain[: next((i for i, e in enumerate(chain) if self.runner.start_of(e) != start), len(chain))]
+        end = next((i for i, e in enumerate(chain) if self.runner.start_of(e) != start),
+                   len(chain))
+        return chain[:end]
 
     def _adapt(self, kept_at: int | None) -> None:
         """Automatic K after a chain: double it while whole chains are removed, else fall back to
         the run of removals that the kept edge (at chain position ``kept_at``) ended."""
         if self.adaptive:
-            self._chain_length = (min(2 * self._chain_length, self.batch_hypotheses) if kept_at is None
-                                  else max(1, kept_at))
+            self._chain_length = (min(2 * self._chain_length, self.batch_hypotheses)
+                                  if kept_at is None else max(1, kept_at))
 
     def _interrupted_chain(self, steps: list[Step]) -> int:
         """Replays the chain schedule over recorded steps: where the chain that the stop cut
@@ -333,14 +367,14 @@ class Acdc:
         edges = self.graph.edges
         while len(self.trace.steps) < len(edges):
             if self._chain is None:
-                t0 = time.perf_counter()
+                started = time.perf_counter()
                 start = self._resume_at if self._resume_at is not None else len(self.trace.steps)
                 self._resume_at = None
-                chain, afters = self._evaluate(start)
-                self._chain = [start, chain, afters, time.perf_counter() - t0, 0]
-            start, chain, afters, seconds, first = self._chain
-            for i in range(first, len(chain)):
-                edge, after, index = chain[i], afters[i], start + i
+                chain, metrics = self._evaluate(start)
+                self._chain = _ChainCursor(start, chain, metrics, time.perf_counter() - started)
+            cursor = self._chain
+            for i in range(cursor.next, len(cursor.edges)):
+                edge, after, index = cursor.edges[i], cursor.metrics[i], cursor.start + i
                 if not math.isfinite(after):
                     self._chain = None
                     raise AcdcVizError(
@@ -356,15 +390,13 @@ class Acdc:
                 if removed:
                     self.runner.accept(edge)
                     self.current_metric = after
-                self._chain[4] = i + 1
-                if not removed:       # the later hypotheses assumed this edge removed: the chain ends
+                cursor.next = i + 1
+                if not removed:       # the later hypotheses assumed it removed: the chain ends
                     self._adapt(i)
                     self._chain = None
                 if index >= len(self.trace.steps):
-                    step = self.trace.record(after, removed, seconds)
-                    seconds = 0.0
-                    if self._chain is not None:
-                        self._chain[3] = 0.0
+                    step = self.trace.record(after, removed, cursor.seconds)
+                    cursor.seconds = 0.0
                     if len(self.trace.steps) == len(edges):
                         self.trace.finish()
                     yield step
@@ -384,6 +416,8 @@ class Acdc:
     # ----- test mode ---------------------------------------------------------------------------
 
     def _check(self, edge: Edge, fast_after: float, removed: bool) -> None:
+        """test_mode: recompute the circuit without ``edge`` by a hooked full forward pass and
+        raise ``DecisionMismatch`` where it disagrees with the engine."""
         from acdc_viz.hooked import hooked_logits
 
         removed_edges = [self.graph.edge(s.edge) for s in self.trace.steps if s.removed] + [edge]
@@ -393,9 +427,11 @@ class Acdc:
         slow_after = self.metric(logits.to(self.dtype).to(self._full.dtype), self._full)
         tol = 1e-4 * max(1.0, abs(slow_after))
         slow_removed = self._decide(slow_after - self.current_metric)
-        if abs(slow_after - fast_after) > tol or (slow_removed != removed and abs(fast_after - self.current_metric - self.tau) > tol):
+        near_tau = abs(fast_after - self.current_metric - self.tau) <= tol
+        if abs(slow_after - fast_after) > tol or (slow_removed != removed and not near_tau):
             raise DecisionMismatch(
-                f"test_mode: edge {edge.name}: the engine measured {fast_after!r} (removed={removed}), "
+                f"test_mode: edge {edge.name}: the engine measured {fast_after!r} "
+                f"(removed={removed}), "
                 f"the hooked full forward pass {slow_after!r} (removed={slow_removed})."
             )
 
@@ -404,89 +440,6 @@ class Acdc:
         return self.metric(self.runner.logits_from(0, "attn").to(self._full.dtype), self._full)
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 def run_acdc(model: Any, pairs: Any, **kwargs: Any) -> Trace:
     """Run ACDC to the end; keyword arguments as for ``Acdc``."""
     return Acdc(model, pairs, **kwargs).run()
-
-
-EdgeScores = dict[str, float]
-"""ACDC scores keyed by edge name (``"A0.3->A1.2.k"``, with ``"@pos"`` in position mode).
-
-An edge's score is the smallest tau at which ACDC removed it, or ``+inf`` if no tau removed it.
-Higher means more important, as with auto-circuit's ``PruneScores`` (which keys tensors by module
-instead: here every edge has its own entry, so a score is looked up by the name a trace uses).
-"""
-
-_FAITHFULNESS = {"kl_div": "kl", "kl": "kl", "mse": "mse"}
-
-
-def acdc_prune_scores(
-    model: Any,
-    dataloader: Any,
-    official_edges: Any = None,
-    tao_exps: list[int] | tuple[int, ...] = (-5, -4, -3, -2),
-    tao_bases: list[int] | tuple[int, ...] = (1, 3, 5, 7, 9),
-    faithfulness_target: str = "kl_div",
-    test_mode: bool = False,
-    *,
-    ablation: str = "resample",
-    positions: bool = False,
-    device: str | torch.device | None = "cpu",
-    dtype: str | torch.dtype = torch.float32,
-    callback: Callable[[float, Trace], None] | None = None,
-    executor: str = "local",
-) -> EdgeScores:
-    """auto-circuit's entry point: run ACDC at every tau = base * 10**exp and score the edges.
-
-    Args:
-        model: a TransformerLens model (4.x bridge or 3.x HookedTransformer).
-        dataloader: an iterable of batches with ``.clean``/``.corrupt`` token tensors (auto-circuit's
-            ``PromptDataLoader``), dicts or tuples; only the first batch is used, as in auto-circuit.
-        official_edges: edge names of a known circuit, or None; only used for logging how many of
-            them each tau keeps.
-        tao_exps, tao_bases: the grid of thresholds (auto-circuit's spelling).
-        faithfulness_target: ``"kl_div"`` or ``"mse"``.
-        test_mode: re-check every decision with a hooked full forward pass (slow).
-        callback: called with ``(tau, trace)`` after each run, e.g. to save the traces.
-        executor: ``"local"`` (one run after another) or ``"ray"`` (see ``acdc_viz.sweep``).
-
-    Returns:
-        ``EdgeScores``: edge name -> smallest tau that removed it, ``+inf`` if none did.
-    """
-    if faithfulness_target not in _FAITHFULNESS:
-        raise SettingsError(
-            f"unknown faithfulness_target {faithfulness_target!r}: expected 'kl_div' or 'mse'"
-        )
-    pairs = TokenPairs.from_dataloader(dataloader)
-    taus = sorted({check_tau(float(f"{base}e{exp}")) for exp in tao_exps for base in tao_bases})
-    if not taus:
-        raise SettingsError("tao_exps and tao_bases give no thresholds")
-    official = {getattr(e, "name", e) for e in official_edges} if official_edges else set()
-    from acdc_viz.sweep import sweep
-
-    result = sweep(model, taus, pairs, metric=_FAITHFULNESS[faithfulness_target],
-                   ablation=ablation, positions=positions, device=device, dtype=dtype,
-                   test_mode=test_mode, executor=executor, progress=False)
-    result.raise_for_failures()
-    scores: EdgeScores = {}
-    for run in result.runs:                       # in tau order
-        tau, trace = run.job.tau, run.trace
-        assert trace is not None
-        if not scores:
-            scores = {e.name: math.inf for e in trace.graph.edges}
-        for step in trace.steps:
-            if step.removed and scores[step.edge] == math.inf:
-                scores[step.edge] = tau
-        kept = set(trace.final_kept_edges)
-        log.info("tau=%g: %d edges kept%s", tau, len(kept),
-                 f", {len(kept & official)}/{len(official)} official" if official else "")
-        if callback is not None:
-            callback(tau, trace)
-    return scores

@@ -16,6 +16,7 @@ import torch
 
 from acdc_viz.graph import Edge
 from acdc_viz.models.adapter import eval_mode
+from acdc_viz.runtime import model_device
 
 
 def _source_outputs(model: Any, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def hooked_logits(
 ) -> torch.Tensor:
     """Logits of the circuit without ``removed`` edges, by brute force on ``model``."""
     cfg = model.cfg
-    device = next(model.parameters()).device
+    device = model_device(model)
     clean, corrupt = clean.to(device), corrupt.to(device)
     with torch.no_grad(), eval_mode(model):
         ablated = _source_outputs(model, corrupt)
@@ -113,6 +114,7 @@ def hooked_logits(
         return hook
 
     def patch_mlp_out(layer: int):
+        """A hook that recomputes the MLP of ``layer`` from its corrected input."""
         block = model.blocks[layer]
 
         def hook(out: torch.Tensor, hook: Any) -> torch.Tensor:

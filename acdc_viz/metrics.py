@@ -40,7 +40,8 @@ class Metric:
         tensor left on the device, so that a chain of hypotheses costs one copy to the host."""
         if self.many_fn is not None:
             return self.many_fn(circuit_logits, full_logits)
-        return torch.stack([torch.as_tensor(self.fn(c, full_logits)).reshape(()) for c in circuit_logits])
+        return torch.stack([torch.as_tensor(self.fn(c, full_logits)).reshape(())
+                            for c in circuit_logits])
 
 
 def kl_divergence(circuit_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,9 @@ def resolve_metric(metric: str | Metric | MetricFn, *, all_positions: bool = Fal
                 "callable fn(circuit_logits, full_logits) -> scalar tensor"
             )
         name = metric if not all_positions else f"{metric}_all_positions"
-        return Metric(name, BUILTIN[metric], last_position_only=not all_positions, many_fn=_MANY[metric])
+        return Metric(name, BUILTIN[metric], last_position_only=not all_positions,
+                      many_fn=_MANY[metric])
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric, last_position_only=False)
-    raise SettingsError(f"metric must be a name, a Metric or a callable, not {type(metric).__name__}")
+    raise SettingsError("metric must be a name, a Metric or a callable, not "
+                        f"{type(metric).__name__}")

@@ -24,28 +24,28 @@ This module never imports ray unless ``executor="ray"`` is asked for.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
 import re
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from acdc_viz.acdc import Acdc, data_hash, resolve_device, resolve_dtype
-from acdc_viz.data import DataError, TokenPairs
-from acdc_viz.errors import AcdcVizError, ModelSupportError, SettingsError
+from acdc_viz.data import TokenPairs
+from acdc_viz.errors import AcdcVizError, DataError, ModelSupportError, SettingsError, describe
+from acdc_viz.files import write_json_atomic
 from acdc_viz.metrics import Metric, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
 from acdc_viz.patching import ABLATIONS
+from acdc_viz.runtime import display_name, machine_info, model_device, torch_threads
+from acdc_viz.tasks.base import PreparedTask
 from acdc_viz.taus import check_tau, parse_taus
 from acdc_viz.trace import Trace, TraceError, load_trace, save_trace
 
@@ -160,9 +160,9 @@ class SweepResult:
     """Every run of a sweep, in job order (task, metric, ablation, tau).
 
     ``jobs`` is how many runs the sweep was asked for; ``runs`` lacks the ones that had not
-    finished when it was cancelled or interrupted. ``canonical`` holds each task's canonical circuit (edge names) where it has one, for the
-    AUCs of ``summary()``. ``cancelled`` is set when the ``cancel`` event stopped the sweep; the
-    runs that had not finished are then absent.
+    finished when it was cancelled or interrupted. ``canonical`` holds each task's canonical
+    circuit (edge names) where it has one, for the AUCs of ``summary()``. ``cancelled`` is set
+    when the ``cancel`` event stopped the sweep; the runs that had not finished are then absent.
     """
 
     runs: list[SweepRun]
@@ -211,18 +211,19 @@ class SweepResult:
         """
         from acdc_viz.evaluate import sweep_rocs
 
-        groups: dict[tuple[str, str, str, bool], list[SweepRun]] = {}
+        groups: dict[tuple[str, str, str, bool], list[tuple[float, Trace]]] = {}
         for run in self.runs:
             if run.trace is not None and run.job.task in self.canonical:
                 job = run.job
-                groups.setdefault((job.task, job.metric, job.ablation, job.positions), []).append(run)
+                key = (job.task, job.metric, job.ablation, job.positions)
+                groups.setdefault(key, []).append((job.tau, run.trace))
         out = []
-        for (task, metric, ablation, positions), runs in groups.items():
+        for (task, metric, ablation, positions), traces in groups.items():
             row: dict[str, Any] = {"task": task, "metric": metric, "ablation": ablation,
-                                   "positions": positions, "taus": len(runs),
+                                   "positions": positions, "taus": len(traces),
                                    "canonical_edges": len(self.canonical[task])}
-            kept = {r.job.tau: r.trace.final_kept_edges for r in runs}  # type: ignore[union-attr]
-            edges = [e.name for e in runs[0].trace.graph.edges]        # type: ignore[union-attr]
+            kept = {tau: trace.final_kept_edges for tau, trace in traces}
+            edges = [e.name for e in traces[0][1].graph.edges]
             try:
                 rocs = sweep_rocs(kept, edges, self.canonical[task])
             except ValueError as exc:
@@ -240,27 +241,12 @@ class SweepResult:
             "executor": self.executor, "wall_seconds": round(self.wall_seconds, 3),
             "complete": self.ok, "cancelled": self.cancelled, "interrupted": self.interrupted,
             "jobs": self.jobs,
-            "counts": {s: sum(r.status == s for r in self.runs) for s in ("done", "skipped", "failed")},
+            "counts": {s: sum(r.status == s for r in self.runs)
+                       for s in ("done", "skipped", "failed")},
             "runs": [r.to_dict() for r in self.runs],
             "auc": self.aucs(),
             "machine": machine_info(),
         }
-
-
-def machine_info() -> dict[str, Any]:
-    """Where a sweep or a benchmark ran (recorded in summaries and benchmark output)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for pkg in ("acdc_viz", "torch", "ray"):
-        try:
-            versions[pkg] = version(pkg.replace("_", "-"))
-        except PackageNotFoundError:
-            versions[pkg] = None
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "versions": versions}
 
 
 # ----- the one function both executors run --------------------------------------------------------
@@ -274,15 +260,14 @@ def run_job(job: SweepJob, model: Any, pairs: TokenPairs, metric: str | Metric, 
 
     ``model`` is a TransformerLens model or its ``TransformerWeights``. Ray workers get the
     weights (they serialise reliably and are all the engine needs), and ``model_hash`` then
-    restores the model's config hash in the trace, so that it equals a run on the model.
+    gives the trace the model's config hash, so that it equals a run on the model.
     ``cancel``, when set between two steps, raises ``SweepCancelled``.
     """
     acdc = Acdc(model, pairs, tau=job.tau, metric=metric, ablation=job.ablation,
                 positions=job.positions, all_positions=job.all_positions,
                 abs_delta=job.abs_delta, device=job.device, dtype=job.dtype,
-                test_mode=test_mode, model_name=model_name, tokens=tokens)
-    if model_hash is not None:
-        acdc.trace.settings["model"]["config_hash"] = model_hash
+                test_mode=test_mode, model_name=model_name, tokens=tokens,
+                config_hash=model_hash)
     for _ in acdc.steps():
         if cancel is not None and cancel.is_set():
             raise SweepCancelled(f"cancelled at tau={job.tau!r}, step {acdc.trace.resume_from}")
@@ -308,21 +293,12 @@ class _Problem:
     default_ablation: str = "resample"
 
 
-def _task_problem(task: Any, *, device: str, prompts: int | None, seed: int,
-                  positions: bool) -> _Problem:
-    model = task.load_model(device)
-    if task.check_model is not None:
-        task.check_model(model)
-    pairs = task.make_pairs(prompts or task.default_prompts, seed)
-    metrics: dict[str, Any] = {"kl": "kl", "mse": "mse"}
-    metrics.update({name: make(pairs) for name, make in task.metrics.items()})
-    canonical = None
-    if task.canonical_edges is not None:
-        canonical = frozenset(task.canonical_edges(positions, pairs.seq_len))
-    return _Problem(task.name, model, pairs, metrics,
-                    task.token_labels(pairs) if task.token_labels else None,
-                    _model_hash(model), data_hash(pairs), canonical,
-                    task.default_metric, task.default_ablation)
+def _task_problem(prepared: PreparedTask, positions: bool) -> _Problem:
+    """A prepared task as a sweep's problem (its canonical circuit with or without positions)."""
+    task = prepared.task
+    return _Problem(task.name, prepared.model, prepared.pairs, prepared.metrics, prepared.tokens,
+                    _model_hash(prepared.model), data_hash(prepared.pairs),
+                    prepared.canonical(positions), task.default_metric, task.default_ablation)
 
 
 def _model_hash(model: Any) -> str:
@@ -332,6 +308,7 @@ def _model_hash(model: Any) -> str:
 
 def _problems(model_or_task: Any, pairs: Any, *, device: str, prompts: int | None, seed: int,
               positions: bool, model_name: str | None, tokens: list[str] | None) -> list[_Problem]:
+    """What the sweep runs on: each task's model and prompts, or the one model with ``pairs``."""
     from acdc_viz.tasks import get_task
     from acdc_viz.tasks.base import Task
 
@@ -341,8 +318,8 @@ def _problems(model_or_task: Any, pairs: Any, *, device: str, prompts: int | Non
         if pairs is not None:
             raise SettingsError("a task brings its own prompts: give either task names, or a "
                                 "model with pairs")
-        problems = [_task_problem(get_task(x) if isinstance(x, str) else x, device=device,
-                                  prompts=prompts, seed=seed, positions=positions) for x in items]
+        problems = [_task_problem((get_task(x) if isinstance(x, str) else x)
+                                  .prepare(device, prompts, seed), positions) for x in items]
         names = [p.name for p in problems]
         if len(set(names)) != len(names):
             raise SettingsError(f"a task is named twice in {names}; name each task once")
@@ -357,9 +334,8 @@ def _problems(model_or_task: Any, pairs: Any, *, device: str, prompts: int | Non
     pairs = pairs if isinstance(pairs, TokenPairs) else TokenPairs.from_batch(pairs)
     if not isinstance(model, TransformerWeights):
         pairs.check_vocab(int(model_config(model).d_vocab))
-    name = model_name or getattr(getattr(model, "cfg", None), "model_name", None) or "model"
-    return [_Problem(name, model, pairs, {"kl": "kl", "mse": "mse"}, tokens,
-                     _model_hash(model), data_hash(pairs))]
+    return [_Problem(display_name(model, model_name), model, pairs, {"kl": "kl", "mse": "mse"},
+                     tokens, _model_hash(model), data_hash(pairs))]
 
 
 def _metric_keys(problem: _Problem, metric: Any) -> list[str]:
@@ -429,27 +405,10 @@ def _completed(path: Path, job: SweepJob, problem: _Problem) -> Trace | None:
         return None
     why = _matches(trace, job, problem)
     if why is not None:
-        log.warning("%s does not belong to this sweep (%s); running tau=%r again", path, why, job.tau)
+        log.warning("%s does not belong to this sweep (%s); running tau=%r again", path, why,
+                    job.tau)
         return None
     return trace
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ----- executors --------------------------------------------------------------------------------
@@ -461,69 +420,64 @@ faults in tests."""
 
 
 def _describe(exc: BaseException) -> str:
+    """A failed attempt's error, as the run records it; a Ray error names the worker's."""
     cause = getattr(exc, "cause", None)           # a RayTaskError wraps the worker's exception
-    err = cause if isinstance(cause, BaseException) else exc
-    text = str(err).strip().splitlines()
-    first = text[0] if text else ""
-    message = f"{type(err).__name__}: {first}" if first else type(err).__name__
-    return message if len(message) <= _MAX_ERROR else message[: _MAX_ERROR - 3] + "..."
+    return describe(cause if isinstance(cause, BaseException) else exc, _MAX_ERROR)
 
 
 _INPUT_ERRORS = (SettingsError, ModelSupportError, DataError)
 """Errors in the sweep's inputs, which every job would hit: raised at once, never retried."""
 
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` inside the block (None: unchanged), then restored.
-
-    CPU results depend on the thread count in their last bits (the order of a reduction), so
-    runs with the same thread count give bit-identical traces, and runs with different counts
-    agree to about 1e-9 (relative) in their metrics.
-    """
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+Pending = list[tuple[SweepJob, _Problem]]
 
 
-def _local_runs(pending: list[tuple[SweepJob, _Problem]], *, test_mode: bool, threads: int | None,
-                before_job: BeforeJob | None,
-                cancel: threading.Event | None) -> Generator[SweepRun, None, None]:
+class Executor(Protocol):
+    """Runs a sweep's pending jobs, each up to ``MAX_ATTEMPTS`` times, and yields their runs
+    (done or failed) as they finish; it stops early when the sweep's ``cancel`` is set."""
+
+    def runs(self, pending: Pending) -> Generator[SweepRun, None, None]: ...
+
+
+class LocalExecutor:
     """One job after another, in this process; an exception is retried once."""
-    for job, problem in pending:
-        if cancel is not None and cancel.is_set():
-            return
-        errors: list[str] = []
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            start = time.perf_counter()
-            try:
-                if before_job is not None:
-                    before_job(job, attempt)
-                with torch_threads(threads):
-                    trace = run_job(job, problem.model, problem.pairs, problem.metrics[job.metric],
-                                    model_name=problem.name, tokens=problem.tokens,
-                                    test_mode=test_mode, cancel=cancel)
-            except SweepCancelled:
+
+    def __init__(self, *, test_mode: bool, threads: int | None, before_job: BeforeJob | None,
+                 cancel: threading.Event | None) -> None:
+        self.test_mode, self.threads = test_mode, threads
+        self.before_job, self.cancel = before_job, cancel
+
+    def runs(self, pending: Pending) -> Generator[SweepRun, None, None]:
+        """Run the jobs in order; an input error (the same for every job) is raised at once."""
+        cancel = self.cancel
+        for job, problem in pending:
+            if cancel is not None and cancel.is_set():
                 return
-            except _INPUT_ERRORS:
-                raise                              # the same for every tau: no sweep can run
-            except Exception as exc:  # noqa: BLE001 - reported in the run, after one retry
-                errors.append(_describe(exc))
-                log.warning("tau=%r, attempt %d of %d failed: %s", job.tau, attempt,
-                            MAX_ATTEMPTS, errors[-1])
-                continue
-            yield SweepRun(job, "done", trace, errors=tuple(errors), attempts=attempt,
-                           seconds=time.perf_counter() - start)
-            break
-        else:
-            yield SweepRun(job, "failed", None, error=errors[-1], errors=tuple(errors),
-                           attempts=MAX_ATTEMPTS)
+            errors: list[str] = []
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                start = time.perf_counter()
+                try:
+                    if self.before_job is not None:
+                        self.before_job(job, attempt)
+                    with torch_threads(self.threads):
+                        trace = run_job(job, problem.model, problem.pairs,
+                                        problem.metrics[job.metric], model_name=problem.name,
+                                        tokens=problem.tokens, test_mode=self.test_mode,
+                                        cancel=cancel)
+                except SweepCancelled:
+                    return
+                except _INPUT_ERRORS:
+                    raise                              # the same for every tau: no sweep can run
+                except Exception as exc:  # noqa: BLE001 - reported in the run, after one retry
+                    errors.append(_describe(exc))
+                    log.warning("tau=%r, attempt %d of %d failed: %s", job.tau, attempt,
+                                MAX_ATTEMPTS, errors[-1])
+                    continue
+                yield SweepRun(job, "done", trace, errors=tuple(errors), attempts=attempt,
+                               seconds=time.perf_counter() - start)
+                break
+            else:
+                yield SweepRun(job, "failed", None, error=errors[-1], errors=tuple(errors),
+                               attempts=MAX_ATTEMPTS)
 
 
 @dataclass
@@ -541,13 +495,14 @@ class _WorkerInputs:
 def _ray_task(job: SweepJob, inputs: _WorkerInputs, attempt: int, threads: int,
               before_job: BeforeJob | None) -> tuple[Trace, float]:
     """The body of a Ray task (Ray resolves ``inputs`` from the object store)."""
-    torch.set_num_threads(threads)               # the CPUs this task declared, no more
-    if before_job is not None:
-        before_job(job, attempt)
-    start = time.perf_counter()
-    trace = run_job(job, inputs.weights, inputs.pairs, inputs.metrics[job.metric],
-                    model_name=inputs.name, tokens=inputs.tokens, model_hash=inputs.model_hash)
-    return trace, time.perf_counter() - start
+    with torch_threads(threads):                 # the CPUs this task declared, no more
+        if before_job is not None:
+            before_job(job, attempt)
+        start = time.perf_counter()
+        trace = run_job(job, inputs.weights, inputs.pairs, inputs.metrics[job.metric],
+                        model_name=inputs.name, tokens=inputs.tokens,
+                        model_hash=inputs.model_hash)
+        return trace, time.perf_counter() - start
 
 
 def _import_ray() -> Any:
@@ -570,64 +525,73 @@ def _ensure_ray(address: str | None) -> Any:
     return ray
 
 
-def _ray_runs(pending: list[tuple[SweepJob, _Problem]], *, address: str | None,
-              num_cpus: float, num_gpus: float, before_job: BeforeJob | None,
-              cancel: threading.Event | None) -> Generator[SweepRun, None, None]:
+class RayExecutor:
     """All jobs as Ray tasks at once (Ray queues them by resources); results as they finish."""
-    ray = _ensure_ray(address)
-    remote = ray.remote(_ray_task)
-    inputs: dict[int, Any] = {}
-    for _, problem in pending:
-        if id(problem) not in inputs:
-            weights = problem.model
-            if not isinstance(weights, TransformerWeights):
-                weights = from_model(problem.model, problem.pairs.clean[:4].to(_device_of(problem.model)))
-            inputs[id(problem)] = ray.put(_WorkerInputs(
-                weights.to("cpu"), problem.pairs, problem.metrics, problem.name, problem.tokens,
-                problem.model_hash))
-    threads = max(1, int(num_cpus))
-    in_flight: dict[Any, tuple[SweepJob, _Problem, int, tuple[str, ...]]] = {}
 
-    def submit(job: SweepJob, problem: _Problem, attempt: int, errors: tuple[str, ...]) -> None:
-        ref = remote.options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0, retry_exceptions=False,
-            name=f"acdc_viz.sweep {job.task} tau={job.tau:g} attempt {attempt}",
-        ).remote(job, inputs[id(problem)], attempt, threads, before_job)
-        in_flight[ref] = (job, problem, attempt, errors)
+    def __init__(self, *, address: str | None, num_cpus: float, num_gpus: float,
+                 before_job: BeforeJob | None, cancel: threading.Event | None) -> None:
+        self.address, self.num_cpus, self.num_gpus = address, num_cpus, num_gpus
+        self.before_job, self.cancel = before_job, cancel
 
-    for job, problem in pending:
-        submit(job, problem, 1, ())
-    try:
-        while in_flight:
-            if cancel is not None and cancel.is_set():
-                return
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
-            for ref in ready:
-                job, problem, attempt, errors = in_flight.pop(ref)
-                try:
-                    trace, seconds = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    errors = (*errors, _describe(exc))
-                    log.warning("tau=%r, attempt %d of %d failed: %s", job.tau, attempt,
-                                MAX_ATTEMPTS, errors[-1])
-                    if attempt < MAX_ATTEMPTS:
-                        submit(job, problem, attempt + 1, errors)
-                    else:
-                        yield SweepRun(job, "failed", None, error=errors[-1], errors=errors,
-                                       attempts=attempt)
-                    continue
-                yield SweepRun(job, "done", trace, errors=errors, attempts=attempt, seconds=seconds)
-    finally:
-        for ref in in_flight:                     # cancelled, interrupted, or the caller left
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+    def _put_inputs(self, ray: Any, pending: Pending) -> dict[int, Any]:
+        """Each problem's weights, prompts and metrics in the object store, once per problem."""
+        inputs: dict[int, Any] = {}
+        for _, problem in pending:
+            if id(problem) not in inputs:
+                weights = problem.model
+                if not isinstance(weights, TransformerWeights):
+                    check_tokens = problem.pairs.clean[:4].to(model_device(problem.model))
+                    weights = from_model(problem.model, check_tokens)
+                inputs[id(problem)] = ray.put(_WorkerInputs(
+                    weights.to("cpu"), problem.pairs, problem.metrics, problem.name,
+                    problem.tokens, problem.model_hash))
+        return inputs
 
+    def runs(self, pending: Pending) -> Generator[SweepRun, None, None]:
+        """Submit every job, resubmit a failed attempt once, and cancel what is still running
+        when the sweep is cancelled, interrupted or left."""
+        ray = _ensure_ray(self.address)
+        remote = ray.remote(_ray_task)
+        inputs = self._put_inputs(ray, pending)
+        threads = max(1, int(self.num_cpus))
+        in_flight: dict[Any, tuple[SweepJob, _Problem, int, tuple[str, ...]]] = {}
 
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+        def submit(job: SweepJob, problem: _Problem, attempt: int,
+                   errors: tuple[str, ...]) -> None:
+            ref = remote.options(
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0,
+                retry_exceptions=False,
+                name=f"acdc_viz.sweep {job.task} tau={job.tau:g} attempt {attempt}",
+            ).remote(job, inputs[id(problem)], attempt, threads, self.before_job)
+            in_flight[ref] = (job, problem, attempt, errors)
+
+        for job, problem in pending:
+            submit(job, problem, 1, ())
+        try:
+            while in_flight:
+                if self.cancel is not None and self.cancel.is_set():
+                    return
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    job, problem, attempt, errors = in_flight.pop(ref)
+                    try:
+                        trace, seconds = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        errors = (*errors, _describe(exc))
+                        log.warning("tau=%r, attempt %d of %d failed: %s", job.tau, attempt,
+                                    MAX_ATTEMPTS, errors[-1])
+                        if attempt < MAX_ATTEMPTS:
+                            submit(job, problem, attempt + 1, errors)
+                        else:
+                            yield SweepRun(job, "failed", None, error=errors[-1], errors=errors,
+                                           attempts=attempt)
+                        continue
+                    yield SweepRun(job, "done", trace, errors=errors, attempts=attempt,
+                                   seconds=seconds)
+        finally:
+            for ref in in_flight:                 # cancelled, interrupted, or the caller left
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
 
 
 # ----- the entry point ----------------------------------------------------------------------------
@@ -679,9 +643,9 @@ def sweep(
         address: the Ray cluster to join (``"auto"``, ``"ray://host:10001"``); None starts a
             local Ray instance. Unused when Ray is already initialised in this process.
         num_cpus: CPUs per run: torch's intra-op threads during each run (see
-            ``torch_threads``) and, on Ray, the task's CPU request. Default: locally, torch's
-            current setting; on Ray, 1. Runs with the same value give bit-identical traces on
-            either executor.
+            ``acdc_viz.runtime.torch_threads``) and, on Ray, the task's CPU request. Default:
+            locally, torch's current setting; on Ray, 1. Runs with the same value give
+            bit-identical traces on either executor.
         num_gpus: GPUs per Ray task; default 1 on CUDA and 0 otherwise (fractions pack several
             runs on one GPU).
         out_dir: write each trace there as it finishes, and ``summary.json`` at the end.
@@ -719,7 +683,8 @@ def sweep(
         for key in _metric_keys(problem, metric):
             for abl in dict.fromkeys(a or problem.default_ablation for a in ablations):
                 jobs.extend((SweepJob(problem.name, tau, key, abl, positions, all_positions,
-                                      abs_delta, str(dev), dtype_name), problem) for tau in tau_list)
+                                      abs_delta, str(dev), dtype_name), problem)
+                            for tau in tau_list)
     directory = None if out_dir is None else Path(out_dir)
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -732,8 +697,9 @@ def sweep(
 
     def record(run: SweepRun) -> None:
         if run.trace is not None and directory is not None and run.status == "done":
-            run = replace(run, path=directory / run.job.file_name)
-            save_trace(run.trace, run.path)       # type: ignore[arg-type]
+            trace, path = run.trace, directory / run.job.file_name
+            run = replace(run, path=path)
+            save_trace(trace, path)
         runs[run.job] = run
         bar.set_postfix_str(f"tau={run.job.tau:.3g} "
                             + (f"kept={run.kept_edges}" if run.ok else "FAILED"), refresh=False)
@@ -744,24 +710,24 @@ def sweep(
     try:
         pending = []
         for job, problem in jobs:
-            done = None
-            if directory is not None and resume:
-                done = _completed(directory / job.file_name, job, problem)
+            path = None if directory is None else directory / job.file_name
+            done = _completed(path, job, problem) if path is not None and resume else None
             if done is None:
                 pending.append((job, problem))
             else:
                 record(SweepRun(job, "skipped", done, attempts=0,
-                                seconds=sum(s.seconds for s in done.steps),
-                                path=directory / job.file_name))  # type: ignore[operator]
+                                seconds=sum(s.seconds for s in done.steps), path=path))
         if pending:
+            runner: Executor
             if executor == "local":
                 threads = None if num_cpus is None else max(1, int(num_cpus))
-                stream = _local_runs(pending, test_mode=test_mode, threads=threads,
-                                     before_job=before_job, cancel=cancel)
+                runner = LocalExecutor(test_mode=test_mode, threads=threads,
+                                       before_job=before_job, cancel=cancel)
             else:
                 gpus = num_gpus if num_gpus is not None else (1.0 if dev.type == "cuda" else 0.0)
-                stream = _ray_runs(pending, address=address, num_cpus=num_cpus or 1, num_gpus=gpus,
-                                   before_job=before_job, cancel=cancel)
+                runner = RayExecutor(address=address, num_cpus=num_cpus or 1, num_gpus=gpus,
+                                     before_job=before_job, cancel=cancel)
+            stream = runner.runs(pending)
             with contextlib.closing(stream):
                 for run in stream:
                     record(run)
@@ -784,14 +750,14 @@ __all__ = [
     "EXECUTORS",
     "MAX_ATTEMPTS",
     "BeforeJob",
+    "Executor",
+    "LocalExecutor",
+    "RayExecutor",
     "SweepCancelled",
     "SweepError",
     "SweepJob",
     "SweepResult",
     "SweepRun",
-    "machine_info",
     "run_job",
     "sweep",
-    "torch_threads",
-    "write_json_atomic",
 ]

@@ -37,7 +37,10 @@ def _ray_task_overhead(ray, n: int) -> dict[str, float]:
     start = time.perf_counter()
     ray.get([noop.remote() for _ in range(n)])
     batch = (time.perf_counter() - start) / n
-    return {"round_trip_ms": round(1e3 * round_trip, 2), "batched_ms_per_task": round(1e3 * batch, 2)}
+    return {
+        "round_trip_ms": round(1e3 * round_trip, 2),
+        "batched_ms_per_task": round(1e3 * batch, 2),
+    }
 
 
 def _timed_sweep(task: str, taus: str, **kwargs) -> tuple[float, object]:
@@ -63,7 +66,7 @@ def main() -> None:
     import ray
     import torch
 
-    from acdc_viz.sweep import machine_info
+    from acdc_viz.runtime import machine_info
     from acdc_viz.tasks import get_task
 
     load_before = os.getloadavg()
@@ -79,10 +82,20 @@ def main() -> None:
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level="ERROR")
     init_s = time.perf_counter() - start
     try:
-        cold_s, cold = _timed_sweep(args.task, args.taus, executor="ray", num_cpus=args.cpus_per_task,
-                                    positions=args.positions)
-        warm_s, warm = _timed_sweep(args.task, args.taus, executor="ray", num_cpus=args.cpus_per_task,
-                                    positions=args.positions)
+        cold_s, cold = _timed_sweep(
+            args.task,
+            args.taus,
+            executor="ray",
+            num_cpus=args.cpus_per_task,
+            positions=args.positions,
+        )
+        warm_s, warm = _timed_sweep(
+            args.task,
+            args.taus,
+            executor="ray",
+            num_cpus=args.cpus_per_task,
+            positions=args.positions,
+        )
         overhead = _ray_task_overhead(ray, args.noop_tasks)
     finally:
         ray.shutdown()
@@ -90,35 +103,65 @@ def main() -> None:
     def key(result):
         return {r.job.tau: r.trace.canonical_json() for r in result.runs}
 
-    # Bit-identical traces need equal torch thread counts (see acdc_viz.sweep.torch_threads).
+    # Bit-identical traces need equal torch thread counts (see acdc_viz.runtime.torch_threads).
     same_threads = local_runs.get(max(1, int(args.cpus_per_task)))
-    identical = key(cold) == key(warm) and (same_threads is None or key(same_threads[2]) == key(cold))
+    identical = key(cold) == key(warm) and (
+        same_threads is None or key(same_threads[2]) == key(cold)
+    )
     n = len(local.runs)
     best_local = min(s for _, s, _ in local_runs.values())
     slots = max(1, int(args.ray_cpus // args.cpus_per_task))
     in_task = sum(r.seconds for r in warm.runs)
-    print(json.dumps({
-        "benchmark": "sweep_local_vs_ray", "task": args.task, "taus": n, "positions": args.positions,
-        "edges": local.runs[0].trace.n_edges,
-        "identical_traces_at_equal_threads": identical,
-        "local": [{"torch_threads": t, "cold_wall_seconds": round(c, 2), "warm_wall_seconds": round(w, 2),
-                   "warm_seconds_per_run": round(w / n, 3), "same_decisions_as_ray": [
-                       [s.removed for s in x.trace.steps] for x in r.runs] == [
-                       [s.removed for s in x.trace.steps] for x in warm.runs]}
-                  for t, (c, w, r) in local_runs.items()],
-        "ray": {
-            "cpus": args.ray_cpus, "cpus_per_task": args.cpus_per_task, "parallel_tasks": slots,
-            "init_seconds": round(init_s, 2),
-            "cold_wall_seconds": round(cold_s, 2), "warm_wall_seconds": round(warm_s, 2),
-            "warm_in_task_seconds": round(in_task, 2),
-            "warm_overhead_ms_per_task": round(1e3 * max(0.0, warm_s - in_task / slots) / n * slots, 1),
-            "noop": overhead,
-        },
-        "ray_speedup_warm_vs_best_local": round(best_local / warm_s, 2),
-        "ray_speedup_cold_with_init_vs_best_local": round(best_local / (cold_s + init_s), 2),
-        "machine": machine_info() | {
-            "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sweep_local_vs_ray",
+                "task": args.task,
+                "taus": n,
+                "positions": args.positions,
+                "edges": local.runs[0].trace.n_edges,
+                "identical_traces_at_equal_threads": identical,
+                "local": [
+                    {
+                        "torch_threads": t,
+                        "cold_wall_seconds": round(c, 2),
+                        "warm_wall_seconds": round(w, 2),
+                        "warm_seconds_per_run": round(w / n, 3),
+                        "same_decisions_as_ray": [
+                            [s.removed for s in x.trace.steps] for x in r.runs
+                        ]
+                        == [[s.removed for s in x.trace.steps] for x in warm.runs],
+                    }
+                    for t, (c, w, r) in local_runs.items()
+                ],
+                "ray": {
+                    "cpus": args.ray_cpus,
+                    "cpus_per_task": args.cpus_per_task,
+                    "parallel_tasks": slots,
+                    "init_seconds": round(init_s, 2),
+                    "cold_wall_seconds": round(cold_s, 2),
+                    "warm_wall_seconds": round(warm_s, 2),
+                    "warm_in_task_seconds": round(in_task, 2),
+                    "warm_overhead_ms_per_task": round(
+                        1e3 * max(0.0, warm_s - in_task / slots) / n * slots, 1
+                    ),
+                    "noop": overhead,
+                },
+                "ray_speedup_warm_vs_best_local": round(best_local / warm_s, 2),
+                "ray_speedup_cold_with_init_vs_best_local": round(
+                    best_local / (cold_s + init_s), 2
+                ),
+                "machine": machine_info()
+                | {
+                    "load_average_1min_before_after": [
+                        round(load_before[0], 2),
+                        round(os.getloadavg()[0], 2),
+                    ]
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -83,7 +84,8 @@ def test_test_mode_agrees_on_a_model_with_layernorm_and_mlps(native_ln, ablation
 def test_test_mode_catches_a_wrong_engine(gpt2, monkeypatch):
     acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, test_mode=True)
     real = acdc.runner.chain_logits
-    monkeypatch.setattr(acdc.runner, "chain_logits", lambda chain: real(chain) + 0.1 * torch.randn_like(real(chain)))
+    monkeypatch.setattr(acdc.runner, "chain_logits",
+                        lambda chain: real(chain) + 0.1 * torch.randn_like(real(chain)))
     with pytest.raises(DecisionMismatch, match="hooked"):
         acdc.run()
 
@@ -182,15 +184,21 @@ def test_out_of_memory_keeps_the_trace(gpt2, monkeypatch, tmp_path):
 
 
 def test_acdc_prune_scores(gpt2):
+    """auto-circuit's entry point scores each edge with the smallest tau of the grid
+    that removed it in a single run, +inf if none did."""
     clean, corrupt = token_pairs(d_vocab=50)
     loader = [{"clean": clean, "corrupt": corrupt}, {"clean": clean[:1], "corrupt": corrupt[:1]}]
-    scores = acdc_prune_scores(gpt2, loader, official_edges=None, tao_exps=[-6, -5], tao_bases=[1, 5])
-    runs = {tau: Acdc(gpt2, TokenPairs(clean, corrupt), tau=tau).run() for tau in (1e-6, 5e-6, 1e-5, 5e-5)}
+    scores = acdc_prune_scores(gpt2, loader, official_edges=None, tao_exps=[-6, -5],
+                               tao_bases=[1, 5])
+    runs = {tau: Acdc(gpt2, TokenPairs(clean, corrupt), tau=tau).run()
+            for tau in (1e-6, 5e-6, 1e-5, 5e-5)}
     assert len(scores) == len(runs[1e-5].graph.edges)
     for name, score in scores.items():
-        removed_at = [tau for tau, t in sorted(runs.items()) if name in t.removed_after(len(t.steps) - 1)]
+        removed_at = [tau for tau, t in sorted(runs.items())
+                      if name in t.removed_after(len(t.steps) - 1)]
         assert score == (removed_at[0] if removed_at else math.inf)
-    assert any(math.isinf(s) for s in scores.values()) and any(not math.isinf(s) for s in scores.values())
+    assert any(math.isinf(s) for s in scores.values())
+    assert any(not math.isinf(s) for s in scores.values())
     with pytest.raises(SettingsError, match="faithfulness"):
         acdc_prune_scores(gpt2, loader, faithfulness_target="logit_diff")
 
@@ -220,10 +228,13 @@ def test_pausing_mid_chain_changes_nothing(gpt2, positions):
 
 
 def test_automatic_chains_grow_while_edges_go_and_shrink_when_one_stays(gpt2, monkeypatch):
+    """Automatic K doubles while whole chains are removed and falls back to the run of
+    removals that a kept edge ended."""
     acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3)
     assert acdc.adaptive and acdc.batch_hypotheses == 32        # the CPU maximum
     real, chains = acdc.runner.chain_logits, []
-    monkeypatch.setattr(acdc.runner, "chain_logits", lambda chain: chains.append(len(chain)) or real(chain))
+    monkeypatch.setattr(acdc.runner, "chain_logits",
+                        lambda chain: chains.append(len(chain)) or real(chain))
     trace = acdc.run()
     assert max(chains) > 4 and sum(chains) < 2 * len(trace.steps)
     start, length = 0, 1
@@ -241,10 +252,12 @@ def assert_same_decisions(a, b):
     """Same edges, same decisions, metrics equal up to float64 rounding (a batched matmul rounds
     differently from an unbatched one)."""
     assert [(s.edge, s.removed) for s in a.steps] == [(s.edge, s.removed) for s in b.steps]
-    assert [s.metric_after for s in a.steps] == pytest.approx([s.metric_after for s in b.steps], rel=1e-9, abs=1e-12)
+    assert [s.metric_after for s in a.steps] == pytest.approx(
+        [s.metric_after for s in b.steps], rel=1e-9, abs=1e-12)
 
 
 def test_out_of_memory_halves_the_hypotheses(gpt2, monkeypatch):
+    """An out-of-memory error halves K and retries, and the decisions stay those of K = 1."""
     expected = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, dtype="float64").run()
     acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, batch_hypotheses=16, dtype="float64")
     real, sizes = acdc.runner.chain_logits, []
@@ -266,7 +279,8 @@ def test_half_precision_is_flagged_approximate(gpt2):
         acdc = Acdc(gpt2, pairs_for(gpt2), tau=1e-3, dtype="bfloat16")
     assert acdc.trace.settings["approximate"] is True
     assert Acdc(gpt2, pairs_for(gpt2), tau=1e-3).trace.settings["approximate"] is False
-    for bad in (0, -2, 2.5, True, "4"):
+    bad_values: tuple[Any, ...] = (0, -2, 2.5, True, "4")
+    for bad in bad_values:
         with pytest.raises(SettingsError, match="batch_hypotheses"):
             Acdc(gpt2, pairs_for(gpt2), tau=1e-3, batch_hypotheses=bad)
 

@@ -1,8 +1,8 @@
 """The engine against the independent brute-force reference (tests/reference_acdc.py), step by step.
 
 The engine runs with K = 1, 4 and 32 speculative hypotheses per pass (``batch_hypotheses``), with
-the causal-prefix reuse on in position mode. Both run in float64, so that a decision can only differ through a real disagreement, not through
-float32 rounding of a delta that sits next to tau.
+the causal-prefix reuse on in position mode. Both run in float64, so that a decision can only
+differ through a real disagreement, not through float32 rounding of a delta that sits next to tau.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def models64(tmp_path_factory):
 @pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
 @pytest.mark.parametrize("positions", [False, True])
 @pytest.mark.parametrize("hypotheses", [1, 4, 32])
-def test_engine_equals_reference_step_by_step(models64, model_name, ablation, positions, hypotheses):
+def test_engine_equals_reference_step_by_step(models64, model_name, ablation, positions,
+                                              hypotheses):
+    """Every step (edge, decision, metrics) equals the brute-force reference's, for every
+    ablation, with and without positions, and K = 1, 4, 32."""
     model = models64[model_name]
     clean, corrupt = token_pairs(batch=3, pos=4, d_vocab=model.cfg.d_vocab)
     tau = CASES[model_name]
@@ -46,7 +49,7 @@ def test_engine_equals_reference_step_by_step(models64, model_name, ablation, po
     ref = _REFERENCE[key]
 
     assert [s.edge for s in trace.steps] == [r.edge for r in ref]
-    for ours, theirs in zip(trace.steps, ref):
+    for ours, theirs in zip(trace.steps, ref, strict=True):
         assert ours.removed == theirs.removed, (ours, theirs)
         assert ours.metric_before == pytest.approx(theirs.metric_before, rel=1e-7, abs=1e-10)
         assert ours.metric_after == pytest.approx(theirs.metric_after, rel=1e-7, abs=1e-10)

@@ -17,10 +17,12 @@ try:
 except ImportError:  # TransformerLens 4: HookedTransformer is gone
     HookedTransformer = None
 
-pytestmark = pytest.mark.skipif(HookedTransformer is None, reason="needs TransformerLens 3.x (make test-tl3)")
+pytestmark = pytest.mark.skipif(HookedTransformer is None,
+                                reason="needs TransformerLens 3.x (make test-tl3)")
 
 
 def hooked(**kw):
+    assert HookedTransformer is not None and HookedTransformerConfig is not None
     settings = {"n_layers": 2, "d_model": 24, "d_head": 8, "n_heads": 3, "d_mlp": 48, "d_vocab": 50,
                 "n_ctx": 16, "act_fn": "gelu_new", "normalization_type": "LN", "seed": 0}
     cfg = HookedTransformerConfig(**{**settings, **kw})
@@ -38,8 +40,8 @@ def hooked(**kw):
 def test_hooked_transformer_matches_its_own_hooked_forward(kw, ablation, positions):
     model = hooked(**kw)
     clean, corrupt = token_pairs(batch=3, pos=4)
-    trace = Acdc(model, TokenPairs(clean, corrupt), tau=1e-3, ablation=ablation, positions=positions,
-                 dtype="float64", test_mode=True).run()
+    trace = Acdc(model, TokenPairs(clean, corrupt), tau=1e-3, ablation=ablation,
+                 positions=positions, dtype="float64", test_mode=True).run()
     assert trace.is_complete
     assert 0 < trace.steps[-1].kept_edges < len(trace.steps)
 

@@ -20,6 +20,8 @@ MODELS = ["gpt2", "attn_only", "native_ln"]
 @pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
 @pytest.mark.parametrize("positions", [False, True])
 def test_runner_matches_hooked_forward(request, model_name, ablation, positions):
+    """Logits with a random third of the edges removed equal those of the model's own
+    hooked forward pass."""
     model = request.getfixturevalue(model_name)
     clean, corrupt = token_pairs(d_vocab=model.cfg.d_vocab)
     weights = from_model(model, clean)
@@ -64,7 +66,7 @@ def test_chain_of_hypotheses_equals_sequential_removals(request, model_name, pos
         chain = edges[i: i + rng.choice([1, 3, 7])]
         fast = runner.chain_logits(chain)
         shared += len(chain) > 1 and fast.stride(0) == 0        # nothing above told them apart
-        if rng.random() < (0.08 if positions else 0.3) or i < 10:                # the slow check is costly: sample it
+        if rng.random() < (0.08 if positions else 0.3) or i < 10:   # the slow check is costly
             torch.testing.assert_close(fast, _sequential(runner, chain), atol=1e-9, rtol=1e-9)
             checked += 1
         for e in chain:                                  # accept a random prefix of the chain
@@ -75,7 +77,7 @@ def test_chain_of_hypotheses_equals_sequential_removals(request, model_name, pos
         else:
             continue
         i += 1                                           # the edge that stopped the walk is kept
-    assert checked > 10 and 0 < len(runner._removed) < len(edges)
+    assert checked > 10 and 0 < len(runner.edges.removed) < len(edges)
     assert shared > 0
 
 
@@ -88,7 +90,8 @@ def test_prefix_cache_follows_outside_changes(gpt2):
     for e in graph.edges[:200:3]:
         runner.set_removed(e, True)
     chain = graph.edges[200:204]
-    torch.testing.assert_close(runner.chain_logits(chain), _sequential(runner, chain), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(runner.chain_logits(chain), _sequential(runner, chain),
+                               atol=1e-9, rtol=1e-9)
 
 
 def test_only_what_depends_on_the_hypothesis_is_computed_per_hypothesis(gpt2):
@@ -99,11 +102,14 @@ def test_only_what_depends_on_the_hypothesis_is_computed_per_hypothesis(gpt2):
     graph = CircuitGraph.from_config(gpt2.cfg)
     runner = CircuitRunner(weights, graph, clean, corrupt, "resample")
     top = gpt2.cfg.n_layers - 1
-    first = next(i for i, e in enumerate(graph.edges) if e.dest.layer == top and e.dest.kind in "qkv")
+    first = next(i for i, e in enumerate(graph.edges)
+                 if e.dest.layer == top and e.dest.kind in "qkv")
     for e in graph.edges[:first]:
         runner.set_removed(e, True)
     chain = [e for e in graph.edges[first:] if e.dest.name == graph.edges[first].dest.name]
     fast = runner.chain_logits(chain)
     assert len(chain) > 1 and fast.stride(0) == 0              # one set of logits for all
-    assert runner._pass.dep_sources == [runner._head0[top] + graph.edges[first].dest.head]
+    assert runner.last_pass is not None
+    first_head = runner.passes.first_head[top]
+    assert runner.last_pass.dep_sources == [first_head + graph.edges[first].dest.head]
     torch.testing.assert_close(fast, _sequential(runner, chain), atol=1e-9, rtol=1e-9)

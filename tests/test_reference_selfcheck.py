@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Collection
 
 import pytest
 import torch
@@ -52,6 +53,7 @@ BATCH, SEQ = 3, 6
 
 
 def _make_gpt2(tmp_dir, dtype):
+    """A tiny GPT-2 with random biases and LayerNorm parameters, as a TransformerBridge."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -69,6 +71,7 @@ def _make_gpt2(tmp_dir, dtype):
 
 
 def _make_native(dtype, attn_only=True):
+    """A tiny TL-native bridge (no HuggingFace model) with random biases."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -84,7 +87,8 @@ def _make_native(dtype, attn_only=True):
         seed=0,
         act_fn="relu",
     )
-    bridge = TransformerBridge.boot_native(cfg, dtype=dtype)
+    # boot_native is attached to the class at import (setattr), which pyright cannot see
+    bridge = TransformerBridge.boot_native(cfg, dtype=dtype)  # pyright: ignore[reportAttributeAccessIssue]
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # native init has zero biases
         for p in bridge.parameters():
@@ -143,12 +147,12 @@ def _edges_by_rule(n_layers, n_heads, attn_only):
     """
     srcs = [("Embed", -1.0)]
     dests = [("Out", float(n_layers))]
-    for l in range(n_layers):
-        srcs += [(f"A{l}.{h}", float(l)) for h in range(n_heads)]
-        dests += [(f"A{l}.{h}.{x}", float(l)) for h in range(n_heads) for x in "qkv"]
+    for layer in range(n_layers):
+        srcs += [(f"A{layer}.{h}", float(layer)) for h in range(n_heads)]
+        dests += [(f"A{layer}.{h}.{x}", float(layer)) for h in range(n_heads) for x in "qkv"]
         if not attn_only:
-            srcs.append((f"MLP{l}", l + 0.5))
-            dests.append((f"MLP{l}", l + 0.5))
+            srcs.append((f"MLP{layer}", layer + 0.5))
+            dests.append((f"MLP{layer}", layer + 0.5))
     return {f"{s}->{d}" for s, ws in srcs for d, rd in dests if ws < rd}
 
 
@@ -176,6 +180,7 @@ def test_edge_set_matches_rule(L, H, attn_only):
 
 
 def test_visit_order_by_hand():
+    """The reference's visit order equals orders written out by hand."""
     # 1 layer, 2 heads, with MLP: written out by hand from the brief.
     assert reference_edge_names(1, 2, attn_only=False) == [
         "MLP0->Out",
@@ -334,7 +339,8 @@ def test_corrupt_equals_clean_is_noop(models, kind):
 # --------------------------------------------------------------------------------------
 
 
-def graph_forward(bridge, tokens, removed=frozenset(), ablated=None):
+def graph_forward(bridge, tokens, removed: Collection[str] = frozenset(),
+                  ablated: dict | None = None):
     """Compute the circuit straight from the weights, without any hooks.
 
     Every destination's input is built from scratch as
@@ -399,26 +405,28 @@ def graph_forward(bridge, tokens, removed=frozenset(), ablated=None):
                 if m is None:
                     total = total + val
                 else:
+                    assert ablated is not None
                     total = total + val * (1 - m)[:, None] + ablated[src] * m[:, None]
             return total
 
         causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
-        for l in range(cfg.n_layers):
+        for layer in range(cfg.n_layers):
             new = {}
             for h in range(n_heads):
-                ln1 = bridge.blocks[l].ln1
-                q = norm(ln1, read(f"A{l}.{h}.q")) @ W["W_Q"][l, h] + W["b_Q"][l, h]
-                k = norm(ln1, read(f"A{l}.{h}.k")) @ W["W_K"][l, h] + W["b_K"][l, h]
-                v = norm(ln1, read(f"A{l}.{h}.v")) @ W["W_V"][l, h] + W["b_V"][l, h]
+                ln1 = bridge.blocks[layer].ln1
+                q = norm(ln1, read(f"A{layer}.{h}.q")) @ W["W_Q"][layer, h] + W["b_Q"][layer, h]
+                k = norm(ln1, read(f"A{layer}.{h}.k")) @ W["W_K"][layer, h] + W["b_K"][layer, h]
+                v = norm(ln1, read(f"A{layer}.{h}.v")) @ W["W_V"][layer, h] + W["b_V"][layer, h]
                 scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
                 pattern = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
-                new[f"A{l}.{h}"] = (pattern @ v) @ W["W_O"][l, h]
+                new[f"A{layer}.{h}"] = (pattern @ v) @ W["W_O"][layer, h]
             out.update(new)  # heads of one layer do not see each other
-            bias = bias + W["b_O"][l]
+            bias = bias + W["b_O"][layer]
             if not cfg.attn_only:
-                x = norm(bridge.blocks[l].ln2, read(f"MLP{l}"))
-                out[f"MLP{l}"] = (
-                    act(x @ W["W_in"][l] + W["b_in"][l]) @ W["W_out"][l] + W["b_out"][l]
+                x = norm(bridge.blocks[layer].ln2, read(f"MLP{layer}"))
+                out[f"MLP{layer}"] = (
+                    act(x @ W["W_in"][layer] + W["b_in"][layer]) @ W["W_out"][layer]
+                    + W["b_out"][layer]
                 )
         x = norm(bridge.ln_final, read("Out"))
         logits = x @ W["W_U"] + W["b_U"]
@@ -501,6 +509,7 @@ def test_position_patch_is_causal(models, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_metric_by_hand(models, kind):
+    """The reference's metrics equal KL and MSE computed by hand."""
     b = models[(kind, torch.float64)]
     removed = {"Embed->Out", "A0.1->A1.2.q", "A1.0->Out"}
     circ = reference_logits(b, CLEAN, CORRUPT, removed)
@@ -539,6 +548,8 @@ def _check_chain(steps: list[RefStep], tau, abs_delta=False):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tau_extremes(models, kind):
+    """tau = -inf removes nothing (each step measures one edge alone); a huge tau removes
+    everything, ending at the KL between the clean and the corrupt run."""
     b = models[(kind, torch.float64)]
     names = _all_edges(b)
     # tau = -inf: nothing removed, every candidate is measured against the full model
@@ -576,6 +587,8 @@ def test_acdc_run_is_consistent(models, kind):
 
 
 def test_acdc_options(models):
+    """With other options (mean and zero ablation, mse, all positions, abs_delta, positions)
+    the steps chain, follow the threshold rule and end at the from-scratch metric."""
     b = models[("native", torch.float64)]
     for kw in [
         {

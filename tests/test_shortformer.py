@@ -45,6 +45,7 @@ def reference_run(sd, cfg, tokens, removed=(), ablated=None):
     def dest_input(dest, x):
         x = x.clone()
         for e in into[dest]:
+            assert ablated is not None
             diff = ablated[e.src.name] - outs[e.src.name]
             if e.position is None:
                 x += diff
@@ -108,6 +109,8 @@ def test_loaded_checkpoint_matches_the_reference_forward(checkpoint):
 @pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
 @pytest.mark.parametrize("positions", [False, True])
 def test_runner_matches_the_patched_reference(checkpoint, ablation, positions):
+    """The engine's logits with a random third of the edges removed equal the
+    independent shortformer reference's."""
     directory, sd, cfg = checkpoint
     clean, corrupt = token_pairs(batch=4, pos=6)
     weights = load_redwood_weights(directory, dtype=torch.float64)
@@ -173,11 +176,12 @@ def test_acdc_decisions_do_not_depend_on_batch_hypotheses(checkpoint, positions,
     decisions = [[s.removed for s in t.steps] for t in traces]
     assert decisions[0] == decisions[1]
     assert 0 < sum(decisions[0]) < len(decisions[0])
-    for a, b in zip(traces[0].steps, traces[1].steps):
+    for a, b in zip(traces[0].steps, traces[1].steps, strict=True):
         assert a.metric_after == pytest.approx(b.metric_after, abs=1e-12)
 
 
 def test_loader_refuses_what_it_cannot_read(checkpoint, tmp_path):
+    """The shortformer loader names what is wrong with a checkpoint it cannot read."""
     _, sd, cfg = checkpoint
     with pytest.raises(ModelLoadError, match="not 'shortformer'"):
         weights_from_state_dict(sd, {**cfg, "shortformer_pos": False})

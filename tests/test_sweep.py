@@ -14,7 +14,8 @@ import pytest
 
 from acdc_viz import Acdc, load_trace, sweep
 from acdc_viz.errors import SettingsError
-from acdc_viz.sweep import MAX_ATTEMPTS, SUMMARY_FILE, SweepError, SweepJob, torch_threads
+from acdc_viz.runtime import torch_threads
+from acdc_viz.sweep import MAX_ATTEMPTS, SUMMARY_FILE, SweepError, SweepJob
 from acdc_viz.tasks import get_task
 
 TASK = "tracr-proportion"          # 23 edges, runs in milliseconds
@@ -29,6 +30,7 @@ def single_run(task_name, tau):
     task = get_task(task_name)
     pairs = task.make_pairs(task.default_prompts, 0)
     metric = task.metrics[task.default_metric](pairs)
+    assert task.token_labels is not None
     with torch_threads(1):
         return Acdc(task.load_model("cpu"), pairs, tau=tau, metric=metric,
                     ablation=task.default_ablation, model_name=task.name,
@@ -52,6 +54,8 @@ def test_local_sweep_gives_the_traces_of_single_runs():
 
 
 def test_summary_json_and_auc(tmp_path):
+    """summary.json holds one row per run, the AUCs against the canonical circuit and the
+    machine."""
     result = sweep(TASK, "1e-4,1e-2,1e-1,1", out_dir=tmp_path, **QUIET)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert SUMMARY_FILE in files and len(files) == len(TAUS) + 1
@@ -64,7 +68,8 @@ def test_summary_json_and_auc(tmp_path):
     assert row["status"] == "done" and row["error"] is None and row["seconds"] >= 0
     assert load_trace(tmp_path / row["trace"]).is_complete
     (auc,) = summary["auc"]
-    assert auc["edge_auc"] == 1.0 and auc["node_auc"] == 1.0 and auc["taus"] == 4   # the paper's Table 3
+    assert auc["edge_auc"] == 1.0 and auc["node_auc"] == 1.0     # the paper's Table 3
+    assert auc["taus"] == 4
     assert summary["machine"]["cpus"] >= 1
 
 
@@ -75,6 +80,8 @@ def test_file_names_are_stable_and_safe():
 
 
 def test_resume_after_an_interrupted_sweep(tmp_path):
+    """An interrupted sweep leaves complete traces and a summary; the next one skips those
+    runs and gives the traces of a fresh sweep."""
     def interrupt_third(job, attempt):
         if job.tau == TAUS[2]:
             raise KeyboardInterrupt
@@ -97,11 +104,14 @@ def test_resume_after_an_interrupted_sweep(tmp_path):
 
 
 def test_a_corrupt_or_foreign_trace_is_run_again(tmp_path):
+    """A cut-off trace, or one recorded with other prompts, is run again instead of skipped."""
     sweep(TASK, TAUS[:3], out_dir=tmp_path, **QUIET)
-    files = {r.job.tau: r.path for r in sweep(TASK, TAUS[:3], out_dir=tmp_path, **QUIET).runs}
+    runs = sweep(TASK, TAUS[:3], out_dir=tmp_path, **QUIET).runs
+    files = {r.job.tau: r.path for r in runs if r.path is not None}
     text = files[TAUS[0]].read_text()
     files[TAUS[0]].write_text(text[: len(text) // 2])                   # cut off
     other = sweep(TASK, [TAUS[1]], prompts=10, **QUIET).runs[0].trace  # other prompts
+    assert other is not None
     from acdc_viz.trace import save_trace
 
     save_trace(other, files[TAUS[1]])
@@ -112,6 +122,8 @@ def test_a_corrupt_or_foreign_trace_is_run_again(tmp_path):
 
 
 def test_a_failing_run_is_retried_once_then_reported(tmp_path):
+    """A run that fails once succeeds on its retry; one that fails twice is reported, and
+    the others still finish."""
     marker = tmp_path / "failed-once"
 
     def flaky(job, attempt):
@@ -129,13 +141,15 @@ def test_a_failing_run_is_retried_once_then_reported(tmp_path):
     assert broken.error == "RuntimeError: always broken (attempt 2)" and len(broken.errors) == 2
     assert all(r.status == "done" for r in rest) and not result.ok
     summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
-    assert summary["counts"]["failed"] == 1 and summary["runs"][1]["error"].startswith("RuntimeError")
+    assert summary["counts"]["failed"] == 1
+    assert summary["runs"][1]["error"].startswith("RuntimeError")
     assert not (tmp_path / "out" / broken.job.file_name).exists()
     with pytest.raises(SweepError, match="always broken"):
         result.raise_for_failures()
 
 
 def test_bad_settings_fail_before_anything_runs(gpt2):
+    """Invalid settings raise SettingsError before any run starts."""
     from conftest import token_pairs
 
     with pytest.raises(SettingsError, match="executor"):
@@ -224,10 +238,12 @@ def local_traces():
 
 
 @pytest.mark.slow
-def test_ray_gives_the_local_traces_and_puts_the_inputs_once(ray_cluster, local_traces, monkeypatch):
+def test_ray_gives_the_local_traces_and_puts_the_inputs_once(ray_cluster, local_traces,
+                                                            monkeypatch):
     puts = []
     real_put = ray_cluster.put
-    monkeypatch.setattr(ray_cluster, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
+    monkeypatch.setattr(ray_cluster, "put",
+                        lambda value, **kw: puts.append(value) or real_put(value, **kw))
     order = []
     result = sweep(RAY_TASK, TAUS, executor="ray", progress=False, on_result=order.append)
     assert len(puts) == 1                              # one model and its prompts, for four tasks
@@ -238,6 +254,8 @@ def test_ray_gives_the_local_traces_and_puts_the_inputs_once(ray_cluster, local_
 
 @pytest.mark.slow
 def test_ray_worker_killed_mid_sweep_is_retried(ray_cluster, local_traces, tmp_path):
+    """A Ray worker that dies mid-run is retried once, and the sweep's traces are the
+    local ones."""
     marker = str(tmp_path / "killed")
     victim = TAUS[1]
 
@@ -276,7 +294,7 @@ def test_cli_sweep_on_ray(ray_cluster, tmp_path, capsys):
     from acdc_viz.cli import main
 
     out = tmp_path / "s"
-    assert main(["sweep", "--task", TASK, "--taus", "1e-4,1", "--executor", "ray", "--out", str(out),
-                 "--quiet"]) == 0
+    assert main(["sweep", "--task", TASK, "--taus", "1e-4,1", "--executor", "ray",
+                 "--out", str(out), "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["executor"] == "ray" and summary["counts"]["done"] == 2
