@@ -38,7 +38,7 @@ EXPORT_ENV = "ACDC_VIZ_APP_EXPORT_DIR"
 """Where the export buttons write: the folder ``acdc-viz app`` was started in."""
 DEFAULT_TASK = "induction"
 DEFAULT_PORT = 8866
-"""Voila's own default; ``acdc-viz app`` takes the next free port after it unless --port is given."""
+"""Voila's own default; ``acdc-viz app`` takes the next free port from it unless --port is given."""
 QUERY_KEYS = ("task", "tau", "positions", "layout")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -73,7 +73,8 @@ def app_settings(query: str | None = None, env: Mapping[str, str] | None = None)
 
     env = os.environ if env is None else env
     query = env.get("QUERY_STRING", "") if query is None else query
-    values = {key: items[-1] for key, items in parse_qs(query.lstrip("?"), keep_blank_values=True).items()}
+    parsed = parse_qs(query.lstrip("?"), keep_blank_values=True)
+    values = {key: items[-1] for key, items in parsed.items()}
     unknown = sorted(set(values) - set(QUERY_KEYS))
     if unknown:
         raise SettingsError(f"unknown setting(s) {', '.join(unknown)} in the address: the page "
@@ -83,7 +84,8 @@ def app_settings(query: str | None = None, env: Mapping[str, str] | None = None)
     tau = check_tau(values["tau"]) if values.get("tau") else None
     flag = values.get("positions", "").strip().lower()
     if flag not in _TRUE + _FALSE:
-        raise SettingsError(f"positions must be 1 or 0 (true or false), not {values['positions']!r}")
+        raise SettingsError(f"positions must be 1 or 0 (true or false), not "
+                            f"{values['positions']!r}")
     return AppSettings(task=task, tau=tau, positions=flag in _TRUE,
                        layout=check_layout(values.get("layout") or "seq"))
 
@@ -96,7 +98,8 @@ def error_page(exc: BaseException) -> str:
         "The Explorer could not start"
     cell = "<td style='text-align: left; padding: 2px 12px 2px 0'>"
     rows = "".join(
-        f"<tr>{cell}<a href='?task={html.escape(t.name)}'><code>{html.escape(t.name)}</code></a></td>"
+        f"<tr>{cell}<a href='?task={html.escape(t.name)}'><code>{html.escape(t.name)}</code></a>"
+        "</td>"
         f"{cell}{'bundled (offline)' if t.bundled else 'needs the Hugging Face hub'}</td>"
         f"{cell}{html.escape(t.description)}</td></tr>"
         for t in all_tasks().values())
@@ -105,9 +108,9 @@ def error_page(exc: BaseException) -> str:
         f"<h2 style='color:#B00020'>acdc_viz: {html.escape(title)}</h2>"
         f"<p class='acdc-app-error-message'><b>{html.escape(str(exc))}</b></p>"
         "<p>The page's address takes <code>?task=NAME&amp;tau=T&amp;positions=1&amp;layout=NAME"
-        "</code> (all optional). Pick a task from the list below (or run <code>acdc-viz tasks</code> "
-        "in a terminal) and open this page with <code>?task=NAME</code> at the end of its address, or "
-        "restart it with <code>acdc-viz app --task NAME</code>.</p>"
+        "</code> (all optional). Pick a task from the list below (or run <code>acdc-viz tasks"
+        "</code> in a terminal) and open this page with <code>?task=NAME</code> at the end of its "
+        "address, or restart it with <code>acdc-viz app --task NAME</code>.</p>"
         "<table><tr>" + "".join(f"<th style='text-align: left'>{h}</th>"
                                 for h in ("task", "model", "what it is"))
         + f"</tr>{rows}</table></div>"
@@ -150,8 +153,8 @@ class AppPage:
         self.export_dir = export_dir
         self.explorer: Any = None
         self.error: str | None = None
-        self.body = w.VBox([w.HTML(f"<i>Loading task <code>{html.escape(settings.task)}</code>: its "
-                                   "model and prompts (a few seconds)...</i>")])
+        self.body = w.VBox([w.HTML(f"<i>Loading task <code>{html.escape(settings.task)}</code>: "
+                                   "its model and prompts (a few seconds)...</i>")])
         self.signal = _ready_signal()
         self.signal.on_msg(self._on_msg)
         self.widget = w.VBox([w.HTML(header(settings.task)), self.body, self.signal])
@@ -167,15 +170,13 @@ class AppPage:
 
         if self.explorer is not None or self.error is not None:
             return self.explorer
-        from acdc_viz.data import DataError
-        from acdc_viz.models.loading import ModelLoadError
         from acdc_viz.widget import Explorer
 
         s = self.settings
         try:
             self.explorer = Explorer(s.task, tau=s.tau, positions=s.positions, layout=s.layout,
                                      export_dir=self.export_dir)
-        except (*_LOAD_ERRORS, DataError, ModelLoadError) as exc:
+        except _LOAD_ERRORS as exc:  # DataError and ModelLoadError are AcdcVizErrors
             self.error = str(exc)
             self.body.children = (w.HTML(error_page(exc)),)
             return None
@@ -267,7 +268,8 @@ def pick_port(host: str, port: int | None) -> int:
     for candidate in range(DEFAULT_PORT, DEFAULT_PORT + 50):
         if port_is_free(host, candidate):
             return candidate
-    raise AppError(f"no free port in {DEFAULT_PORT}..{DEFAULT_PORT + 49} on {host}: give one with --port")
+    raise AppError(f"no free port in {DEFAULT_PORT}..{DEFAULT_PORT + 49} on {host}: give one "
+                   "with --port")
 
 
 def has_display() -> bool:
@@ -312,7 +314,8 @@ def serve(task: str = DEFAULT_TASK, port: int | None = None, host: str = "127.0.
     open_browser = has_display() if open_browser is None else open_browser
     env = dict(os.environ, **{TASK_ENV: task, EXPORT_ENV: os.getcwd()})
     url = f"http://{host}:{port}/"
-    print(f"acdc-viz: serving the Explorer on task {task!r}; stop with Ctrl-C", file=log, flush=True)
+    print(f"acdc-viz: serving the Explorer on task {task!r}; stop with Ctrl-C", file=log,
+          flush=True)
     print(url, flush=True)
     process = subprocess.Popen(voila_command(port, host, open_browser), env=env)
     try:
@@ -322,7 +325,7 @@ def serve(task: str = DEFAULT_TASK, port: int | None = None, host: str = "127.0.
 
 
 def _wait_after_interrupt(process: subprocess.Popen) -> int:
-    """After Ctrl-C, which the server got too: let it shut its kernels down; 0, as it was asked to."""
+    """After Ctrl-C, which the server got too: let it shut its kernels down; 0, as asked."""
     deadline = time.monotonic() + 10
     while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -346,9 +349,9 @@ def find_quickstart(cwd: Path | None = None) -> Path:
     for root in (Path.cwd() if cwd is None else cwd, Path(__file__).resolve().parents[1]):
         if (root / QUICKSTART).is_file():
             return root / QUICKSTART
-    raise AppError(f"the quickstart notebook ({QUICKSTART}) comes with the repository, not with the "
-                   "package: clone the repository and run `make demo` there, or use `acdc-viz app` "
-                   "for the Explorer alone")
+    raise AppError(f"the quickstart notebook ({QUICKSTART}) comes with the repository, not with "
+                   "the package: clone the repository and run `make demo` there, or use "
+                   "`acdc-viz app` for the Explorer alone")
 
 
 def lab_command(notebook: Path, open_browser: bool, as_root: bool = False) -> list[str]:
@@ -364,13 +367,15 @@ def open_quickstart(open_browser: bool | None = None) -> int:
     """Open the quickstart in JupyterLab until Ctrl-C; returns JupyterLab's exit status."""
     notebook = find_quickstart()
     if importlib.util.find_spec("jupyterlab") is None:
-        raise AppError("the quickstart needs JupyterLab, which is not installed: pip install jupyterlab "
-                       "(or pip install -e '.[dev]' in the repository)")
+        raise AppError("the quickstart needs JupyterLab, which is not installed: pip install "
+                       "jupyterlab (or pip install -e '.[dev]' in the repository)")
     open_browser = has_display() if open_browser is None else open_browser
-    print(f"acdc-viz: opening {notebook} in JupyterLab; stop with Ctrl-C", file=sys.stderr, flush=True)
+    print(f"acdc-viz: opening {notebook} in JupyterLab; stop with Ctrl-C", file=sys.stderr,
+          flush=True)
     root = notebook.parents[1]
     as_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    process = subprocess.Popen(lab_command(notebook.relative_to(root), open_browser, as_root), cwd=root)
+    process = subprocess.Popen(lab_command(notebook.relative_to(root), open_browser, as_root),
+                               cwd=root)
     try:
         return process.wait()
     except KeyboardInterrupt:

@@ -67,6 +67,7 @@ class TokenPairs:
     corrupt: torch.Tensor
 
     def __post_init__(self) -> None:
+        """Reject anything ACDC cannot use, before a run starts: say what and how to fix it."""
         for name in ("clean", "corrupt"):
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor):
@@ -252,6 +253,7 @@ def load_token_pairs(path: str | Path) -> TokenPairs:
 
 
 def _read_json(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``{"clean": [[...]], "corrupt": [[...]]}``: the token ids as nested lists of ints."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -331,6 +333,7 @@ def _short(err: BaseException) -> str:
 
 
 def _read_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``torch.save`` file of the two tensors, read with ``weights_only`` (runs no code)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:

@@ -1,4 +1,4 @@
-"""The errors acdc_viz raises. Each message says what was wrong, what was expected, and what to do."""
+"""The errors acdc_viz raises. Each message says what was wrong, what was expected, what to do."""
 
 
 class AcdcVizError(Exception):

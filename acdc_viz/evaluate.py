@@ -46,13 +46,14 @@ def _rates(predicted: set[str], universe: set[str], positives: set[str]) -> tupl
 def _check(universe: set[str], positives: set[str]) -> None:
     unknown = positives - universe
     if unknown:
-        raise ValueError(f"{len(unknown)} canonical items are not in the graph, e.g. {sorted(unknown)[:3]}")
+        raise ValueError(f"{len(unknown)} canonical items are not in the graph, e.g. "
+                         f"{sorted(unknown)[:3]}")
     if not positives or positives == universe:
         raise ValueError("a ROC needs both canonical and non-canonical items")
 
 
 def _area(points: list[tuple[float, float]]) -> float:
-    xs, ys = zip(*sorted(points))
+    xs, ys = zip(*sorted(points), strict=True)
     return float(np.trapezoid(ys, xs))
 
 
@@ -119,7 +120,8 @@ def roc_figure(rocs: Mapping[str, Roc], title: str = "ROC against the canonical 
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for (name, roc), colour in zip(rocs.items(), ("#0072B2", "#E69F00", "#009E73", "#CC79A7")):
+    colours = ("#0072B2", "#E69F00", "#009E73", "#CC79A7")
+    for (name, roc), colour in zip(rocs.items(), colours, strict=False):
         fig.add_scatter(
             x=[p.fpr for p in roc.points], y=[p.tpr for p in roc.points], mode="lines+markers",
             name=f"{name} (AUC {roc.auc:.3f})", line={"color": colour, "shape": "linear"},
@@ -129,7 +131,7 @@ def roc_figure(rocs: Mapping[str, Roc], title: str = "ROC against the canonical 
         )
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#999"},
                     showlegend=False, hoverinfo="skip")
-    fig.update_layout(title=title, xaxis_title="false-positive rate", yaxis_title="true-positive rate",
-                      xaxis_range=[0, 1], yaxis_range=[0, 1.02], width=520, height=480,
-                      template="plotly_white")
+    fig.update_layout(title=title, xaxis_title="false-positive rate",
+                      yaxis_title="true-positive rate", xaxis_range=[0, 1],
+                      yaxis_range=[0, 1.02], width=520, height=480, template="plotly_white")
     return fig

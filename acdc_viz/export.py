@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from acdc_viz.errors import AcdcVizError
-from acdc_viz.trace import Trace, load_trace, save_trace
+from acdc_viz.trace import load_trace, save_trace
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -69,7 +69,7 @@ def render_file(
     return export_figure(build_figure(trace, step, layout=layout), out)
 
 
-def export_figure(fig: go.Figure, out_path: str | os.PathLike[str], *,
+def export_figure(fig: go.Figure | go.FigureWidget, out_path: str | os.PathLike[str], *,
                   scale: float = IMAGE_SCALE) -> Path:
     """Write a figure (``go.Figure`` or ``go.FigureWidget``) as ``.html``, ``.png`` or ``.svg``.
 
@@ -82,13 +82,6 @@ def export_figure(fig: go.Figure, out_path: str | os.PathLike[str], *,
                        config={"displaylogo": False, "scrollZoom": True})
         return out
     write_image(fig, out, scale=scale)
-    return out
-
-
-def save_trace_json(trace: Trace, out_path: str | os.PathLike[str]) -> Path:
-    """The JSON export: the trace itself (what the widget's export button writes)."""
-    out = Path(out_path)
-    save_trace(trace, out)
     return out
 
 
@@ -107,7 +100,7 @@ def find_browser() -> str | None:
     return None
 
 
-def write_image(fig: go.Figure, out_path: str | os.PathLike[str], *,
+def write_image(fig: go.Figure | go.FigureWidget, out_path: str | os.PathLike[str], *,
                 scale: float = IMAGE_SCALE) -> Path:
     """PNG or SVG through kaleido; ``ExportError`` saying how to fix a missing tool."""
     out = Path(out_path)

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from acdc_viz.graph import CircuitGraph
-from acdc_viz.layout import GraphKey, Layout, check_layout, graph_key, layout_of
+from acdc_viz.graph import CircuitGraph, GraphShape, node_key
+from acdc_viz.layout import Layout, check_layout, layout_of
 from acdc_viz.trace import Trace
 
 # Okabe & Ito (2008), "Color Universal Design".
@@ -92,6 +92,8 @@ _KIND_TEXT = {"embed": "embedding (residual stream at the start)", "out": "outpu
 _PORT_TEXT = {"q": "query", "k": "key", "v": "value"}
 _META_KEY = "acdc_viz"
 
+AnyFigure = go.Figure | go.FigureWidget
+
 
 # -- the state of every edge after a step --------------------------------------------------
 
@@ -132,7 +134,7 @@ class StepState:
 def resolve_step(trace: Trace, step: int | None) -> int:
     """``step`` checked against the trace; None becomes the last recorded step (-1 if none)."""
     if step is None:
-        return len(trace.steps) - 1
+        return trace.last_step
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be an int or None, got {type(step).__name__} {step!r}")
     step = int(step)
@@ -170,14 +172,14 @@ def paths_through(trace: Trace, step: int | None, node_key: str) -> set[str]:
     and every position when the trace's settings say ``"causal": false`` (at the top level
     or in ``settings["model"]``).
     """
-    geo = _geometry(graph_key(trace.graph), "seq")
+    geo = _geometry(trace.graph.shape, "seq")
     node = geo.node_index.get(node_key)
     if node is None:
         raise KeyError(f"no node {node_key!r} in this graph; node keys look like "
                        f"{geo.node_keys[min(1, len(geo.node_keys) - 1)]!r} (see Node.key)")
     state = step_state(trace, step)
     kept = np.flatnonzero(state.kept)
-    links = _port_links(graph_key(trace.graph), _causal(trace))
+    links = _port_links(trace.graph.shape, _causal(trace))
     n_vertices = links.n_vertices
     # kept edges run from a source node to a destination vertex (a q/k/v port, or the node)
     src, dst = geo.src[kept], links.edge_port[kept]
@@ -212,8 +214,9 @@ def paths_through(trace: Trace, step: int | None, node_key: str) -> set[str]:
 
 def _causal(trace: Trace) -> bool:
     s = trace.settings
-    model = s.get("model") if isinstance(s.get("model"), dict) else {}
-    return not (s.get("causal") is False or model.get("causal") is False)  # type: ignore[union-attr]
+    model = s.get("model")
+    model_causal = model.get("causal") if isinstance(model, dict) else None
+    return not (s.get("causal") is False or model_causal is False)
 
 
 @dataclass(frozen=True)
@@ -227,30 +230,32 @@ class _PortLinks:
 
 
 @lru_cache(maxsize=8)
-def _port_links(key: GraphKey, causal: bool) -> _PortLinks:
-    n_layers, n_heads, attn_only, n_positions = key
-    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+def _port_links(shape: GraphShape, causal: bool) -> _PortLinks:
+    """Each q/k/v port as a vertex, linked to the head outputs it reaches (causally or not)."""
+    graph = CircuitGraph.from_shape(shape)
     node_index = {n.key: i for i, n in enumerate(graph.nodes)}
     ports: dict[str, int] = {}
     link_from: list[int] = []
     link_to: list[int] = []
-    positions = [None] if n_positions is None else list(range(n_positions))
+    split = [] if graph.n_positions is None else list(range(graph.n_positions))
+    positions: list[int | None] = [None] if graph.n_positions is None else list(split)
     for dest in graph.destinations:
         if dest.kind not in ("q", "k", "v"):
             continue
         for p in positions:
             vid = len(node_index) + len(ports)
-            ports[graph.node_key(dest.name, p)] = vid
+            ports[node_key(dest.name, p)] = vid
+            targets: list[int | None]
             if p is None or dest.kind == "q":
                 targets = [p]
             else:
-                targets = [t for t in positions if t >= p or not causal]  # type: ignore[operator]
+                targets = [t for t in split if t >= p or not causal]
             for t in targets:
                 link_from.append(vid)
-                link_to.append(node_index[graph.node_key(dest.node, t)])
+                link_to.append(node_index[node_key(dest.node, t)])
     edge_port = np.fromiter(
-        (ports.get(graph.node_key(e.dest.name, e.position),
-                   node_index.get(graph.node_key(e.dest.node, e.position), -1))
+        (ports.get(node_key(e.dest.name, e.position),
+                   node_index.get(node_key(e.dest.node, e.position), -1))
          for e in graph.edges), dtype=np.int64, count=len(graph.edges))
     return _PortLinks(len(node_index) + len(ports), edge_port,
                       np.array(link_from, dtype=np.int64), np.array(link_to, dtype=np.int64))
@@ -281,19 +286,19 @@ class _Geometry:
 
 
 @lru_cache(maxsize=16)
-def _geometry(key: GraphKey, layout_name: str) -> _Geometry:
-    n_layers, n_heads, attn_only, n_positions = key
-    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+def _geometry(shape: GraphShape, layout_name: str) -> _Geometry:
+    """Every edge's curve and every node's point in one layout, as read-only arrays."""
+    graph = CircuitGraph.from_shape(shape)
     lay = layout_of(graph, layout_name)
     node_keys = tuple(n.key for n in graph.nodes)
     node_index = {k: i for i, k in enumerate(node_keys)}
     edges = graph.edges
-    src = np.fromiter((node_index[graph.node_key(e.src.name, e.position)] for e in edges),
+    src = np.fromiter((node_index[node_key(e.src.name, e.position)] for e in edges),
                       dtype=np.int64, count=len(edges))
-    dst = np.fromiter((node_index[graph.node_key(e.dest.node, e.position)] for e in edges),
+    dst = np.fromiter((node_index[node_key(e.dest.node, e.position)] for e in edges),
                       dtype=np.int64, count=len(edges))
     p0 = np.array([lay.nodes[k] for k in node_keys], dtype=float).reshape(-1, 2)
-    end = np.array([lay.ports[graph.node_key(e.dest.name, e.position)] for e in edges],
+    end = np.array([lay.ports[node_key(e.dest.name, e.position)] for e in edges],
                    dtype=float).reshape(-1, 2)
     start = p0[src] if len(edges) else np.zeros((0, 2))
     ex, ey = _curves(start, end, lay, graph)
@@ -407,7 +412,7 @@ def build_figure(
         widget: return a ``go.FigureWidget`` (for notebooks) instead of a ``go.Figure``.
     """
     check_layout(layout)
-    geo = _geometry(graph_key(trace.graph), layout)
+    geo = _geometry(trace.graph.shape, layout)
     fig = go.Figure()
     for uid in TRACE_IDS:
         fig.add_trace(_empty_trace(uid))
@@ -432,11 +437,13 @@ def build_figure(
 
 
 def _empty_trace(uid: str) -> go.Scatter:
+    """One of the figure's fixed traces, styled but without data (``update_figure`` fills it)."""
     i = TRACE_IDS.index(uid)
     name = _LABELS[uid]
     if i == _NODES:
-        return go.Scatter(uid=uid, name=name, mode="markers+text", hoverinfo="text", showlegend=False,
-                          textfont={"size": 9, "color": "white"}, textposition="middle center",
+        return go.Scatter(uid=uid, name=name, mode="markers+text", hoverinfo="text",
+                          showlegend=False, textfont={"size": 9, "color": "white"},
+                          textposition="middle center",
                           marker={"line": {"width": 1, "color": "#333333"}})
     if i == _HOVER:
         return go.Scatter(uid=uid, name=name, mode="markers", hoverinfo="text", showlegend=False,
@@ -456,12 +463,12 @@ def _empty_trace(uid: str) -> go.Scatter:
         group = f"kept{sign}"
     # one legend entry per group: the three width classes of a sign toggle together
     shown = i not in _KEPT.values() or i in (_KEPT[("+", 1)], _KEPT[("-", 1)])
-    return go.Scatter(uid=uid, name=name, mode="lines", line=line, hoverinfo="skip", connectgaps=False,
-                      showlegend=shown, legendgroup=group, legendrank=i)
+    return go.Scatter(uid=uid, name=name, mode="lines", line=line, hoverinfo="skip",
+                      connectgaps=False, showlegend=shown, legendgroup=group, legendrank=i)
 
 
 def update_figure(
-    fig: go.Figure | go.FigureWidget,
+    fig: AnyFigure,
     trace: Trace,
     step: int | None = None,
     *,
@@ -476,14 +483,13 @@ def update_figure(
     another name re-places the nodes without rebuilding.
     """
     meta = _meta(fig)
-    key = graph_key(trace.graph)
-    if meta is not None and tuple(meta["graph"]) != key:
+    shape = trace.graph.shape
+    if meta is not None and tuple(meta["graph"]) != shape:
         raise ValueError(f"this figure shows a graph of shape {tuple(meta['graph'])} (n_layers, "
-                         f"n_heads, attn_only, n_positions); the trace's is {key}: build a new "
+                         f"n_heads, attn_only, n_positions); the trace's is {shape}: build a new "
                          "figure with build_figure")
-    layout = layout or (meta["layout"] if meta else "seq")
-    check_layout(layout)
-    geo = _geometry(key, layout)
+    layout = check_layout(layout or (meta["layout"] if meta else "seq"))
+    geo = _geometry(shape, layout)
     state = step_state(trace, step)
     paths = None if highlight is None else paths_through(trace, state.step, highlight)
     data = _trace_data(trace, geo, state, show_removed, paths)
@@ -495,7 +501,7 @@ def update_figure(
         fig.layout.title.text = _title(trace, state)
 
 
-def _meta(fig: go.Figure) -> dict[str, Any] | None:
+def _meta(fig: AnyFigure) -> dict[str, Any] | None:
     meta = fig.layout.meta
     if isinstance(meta, dict) and _META_KEY in meta:
         return meta[_META_KEY]
@@ -504,6 +510,7 @@ def _meta(fig: go.Figure) -> dict[str, Any] | None:
 
 def _trace_data(trace: Trace, geo: _Geometry, state: StepState, show_removed: bool,
                 paths: set[str] | None) -> dict[int, dict[str, Any]]:
+    """The new data of every trace: each edge in the group of its state, sign and width."""
     n = len(geo.edge_names)
     group = np.full(n, _UNTESTED, dtype=np.int64)
     tau = float(trace.settings.get("tau") or 0.0)
@@ -555,6 +562,7 @@ def _decision(state: StepState, i: int, n_edges: int) -> str:
 
 
 def _hover_data(trace: Trace, geo: _Geometry, state: StepState, idx: np.ndarray) -> dict[str, Any]:
+    """The port markers, and one invisible marker mid-edge per drawn edge, with their texts."""
     n = len(geo.edge_names)
     names = geo.edge_names
     edge_text = [f"<b>{names[i]}</b><br>{_decision(state, i, n)}" for i in idx.tolist()]
@@ -574,6 +582,7 @@ def _hover_data(trace: Trace, geo: _Geometry, state: StepState, idx: np.ndarray)
 
 def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] | None,
                path_idx: np.ndarray) -> dict[str, Any]:
+    """The node markers: greyed when no kept edge touches them, dimmed off a highlighted path."""
     kept = state.kept
     n_nodes = len(geo.node_keys)
     deg_in = np.bincount(geo.dst[kept], minlength=n_nodes)
@@ -618,6 +627,7 @@ def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] |
 
 
 def _title(trace: Trace, state: StepState) -> str:
+    """Model and tau, the step and kept edges, and what the step under test decided."""
     s = trace.settings
     model = s.get("task") or (s.get("model") or {}).get("name") or "model"
     tau = s.get("tau")
@@ -633,7 +643,8 @@ def _title(trace: Trace, state: StepState) -> str:
         verdict = "removed" if state.removed[i] else "kept"
         sub = (f"step {i} tested {trace.graph.edges[i].name}: Δmetric {state.delta[i]:.3g}, "
                f"{verdict}")
-    return f"{head}<br><span style='font-size:12px;color:#555'>{html.escape(sub, quote=False)}</span>"
+    sub = html.escape(sub, quote=False)
+    return f"{head}<br><span style='font-size:12px;color:#555'>{sub}</span>"
 
 
 # -- axes, sizes, labels -------------------------------------------------------------------
@@ -663,7 +674,8 @@ def _node_labels(geo: _Geometry) -> list[str]:
     return [k.split("@")[0] for k in geo.node_keys]
 
 
-def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
+def _apply_axes(fig: AnyFigure, trace: Trace, geo: _Geometry) -> None:
+    """Size the figure for the layout, and label its columns (tokens) and rows (layers)."""
     lay = geo.layout
     tokens = trace.tokens
     split = lay.columns[0][1] is not None
@@ -686,5 +698,5 @@ def _apply_axes(fig: go.Figure, trace: Trace, geo: _Geometry) -> None:
         yaxis={"range": list(lay.y_range), "showgrid": bool(lay.rows), "gridcolor": "#F2F2F2",
                "zeroline": False, "tickmode": "array", "ticks": "", "showline": False,
                "tickvals": [r[0] for r in lay.rows], "ticktext": [r[1] for r in lay.rows]},
-        meta={_META_KEY: {"layout": lay.name, "graph": list(graph_key(trace.graph))}},
+        meta={_META_KEY: {"layout": lay.name, "graph": list(trace.graph.shape)}},
     )

@@ -1,4 +1,4 @@
-"""The computational graph that ACDC prunes (Conmy et al. 2023), with the names of DESIGN.md.
+"""The computational graph that ACDC prunes (Conmy et al. 2023); names as in docs/architecture.md.
 
 A transformer's residual stream is a sum of the outputs of everything that ran before. ACDC
 treats each term of that sum as a separate wire from a *source* (the embedding, one attention
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 SourceKind = Literal["embed", "head", "mlp"]
 DestKind = Literal["q", "k", "v", "mlp", "out"]
+NodeKind = Literal["embed", "head", "mlp", "out"]
+GraphShape = tuple[int, int, bool, int | None]
+"""``(n_layers, n_heads, attn_only, n_positions)``: what determines a ``CircuitGraph``."""
 QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
 
 
@@ -89,7 +92,7 @@ class Node:
     """
 
     name: str
-    kind: Literal["embed", "head", "mlp", "out"]
+    kind: NodeKind
     layer: int
     head: int | None
     position: int | None
@@ -123,10 +126,13 @@ class CircuitGraph:
     """
 
     def __init__(
-        self, n_layers: int, n_heads: int, *, attn_only: bool = False, n_positions: int | None = None
+        self, n_layers: int, n_heads: int, *, attn_only: bool = False,
+        n_positions: int | None = None,
     ) -> None:
+        """Build the sources and destinations; the edges follow lazily (``edges``)."""
         if n_layers < 1 or n_heads < 1:
-            raise ValueError(f"a graph needs at least one layer and one head, got {n_layers=}, {n_heads=}")
+            raise ValueError(f"a graph needs at least one layer and one head, got {n_layers=}, "
+                             f"{n_heads=}")
         if n_positions is not None and n_positions < 1:
             raise ValueError(f"n_positions must be positive or None, got {n_positions}")
         self.n_layers = n_layers
@@ -156,6 +162,12 @@ class CircuitGraph:
         """Build from a TransformerLens config (``model.cfg``); no weights are needed."""
         return cls(cfg.n_layers, cfg.n_heads, attn_only=bool(getattr(cfg, "attn_only", False)),
                    n_positions=n_positions)
+
+    @classmethod
+    def from_shape(cls, shape: GraphShape) -> CircuitGraph:
+        """The graph of a ``CircuitGraph.shape`` (caches key on the shape, not on a graph)."""
+        n_layers, n_heads, attn_only, n_positions = shape
+        return cls(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
 
     def sources_of(self, dest: Destination) -> list[Source]:
         """The sources that feed ``dest``, latest first (the visit order)."""
@@ -192,9 +204,10 @@ class CircuitGraph:
         positions: list[int | None] = (
             [None] if self.n_positions is None else list(range(self.n_positions))
         )
-        kinds = [(s.name, s.kind, s.layer, s.head) for s in self.sources]
+        kinds: list[tuple[str, NodeKind, int, int | None]] = [
+            (s.name, s.kind, s.layer, s.head) for s in self.sources]
         kinds.append(("Out", "out", self.n_layers, None))
-        return tuple(Node(n, k, lay, h, p) for (n, k, lay, h) in kinds for p in positions)  # type: ignore[arg-type]
+        return tuple(Node(n, k, lay, h, p) for (n, k, lay, h) in kinds for p in positions)
 
     def to_networkx(self) -> nx.MultiDiGraph:
         """A ``networkx.MultiDiGraph`` of the drawn nodes.
@@ -208,7 +221,8 @@ class CircuitGraph:
 
         g = nx.MultiDiGraph()
         for n in self.nodes:
-            g.add_node(n.key, name=n.name, kind=n.kind, layer=n.layer, head=n.head, position=n.position)
+            g.add_node(n.key, name=n.name, kind=n.kind, layer=n.layer, head=n.head,
+                       position=n.position)
         for i, e in enumerate(self.edges):
             g.add_edge(
                 node_key(e.src.name, e.position),
@@ -220,7 +234,7 @@ class CircuitGraph:
         return g
 
     @property
-    def shape(self) -> tuple[int, int, bool, int | None]:
+    def shape(self) -> GraphShape:
         """What determines the graph completely: layers, heads, attention-only, positions."""
         return (self.n_layers, self.n_heads, bool(self.attn_only), self.n_positions)
 
@@ -238,4 +252,5 @@ class CircuitGraph:
     def __repr__(self) -> str:
         pos = "" if self.n_positions is None else f", n_positions={self.n_positions}"
         mlp = ", attn_only=True" if self.attn_only else ""
-        return f"CircuitGraph(n_layers={self.n_layers}, n_heads={self.n_heads}{mlp}{pos}; {len(self)} edges)"
+        return (f"CircuitGraph(n_layers={self.n_layers}, n_heads={self.n_heads}{mlp}{pos}; "
+                f"{len(self)} edges)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 
-from acdc_viz.graph import QKV, CircuitGraph, Node
+from acdc_viz.graph import QKV, CircuitGraph, GraphShape, Node, node_key
 
 LAYOUTS = ("seq", "multipartite", "spring", "kamada_kawai", "spectral")
 """The layout names ``node_positions`` accepts; ``seq`` is the default."""
@@ -37,10 +37,9 @@ CELL_FILL = 0.8
 """The part of a column's width the heads of one cell spread over (the rest is the gutter)."""
 
 MAX_WIDTH_PX = 1500.0
-"""The plotting area's width (px) the layout aims to fit in; a long prompt shrinks columns to fit."""
+"""The plotting area's width (px) the layout aims to fit in; a long prompt shrinks columns."""
 
 Point = tuple[float, float]
-GraphKey = tuple[int, int, bool, "int | None"]
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,6 @@ class Layout:
     node_px: float
 
 
-def graph_key(graph: CircuitGraph) -> GraphKey:
-    """What determines a graph's shape completely (``CircuitGraph`` has no ``__eq__``)."""
-    return (graph.n_layers, graph.n_heads, bool(graph.attn_only), graph.n_positions)
-
-
 def check_layout(layout: str) -> str:
     """Return ``layout`` if it is a known name; raise ``ValueError`` listing the names otherwise."""
     if layout not in LAYOUTS:
@@ -90,7 +84,7 @@ def check_layout(layout: str) -> str:
 
 
 def row_of(node: Node, n_layers: int, attn_only: bool) -> int:
-    """The node's row in the seq grid: 0 is ``Embed``; per layer attention, then MLP; ``Out`` last."""
+    """The node's row in the seq grid: 0 is ``Embed``, per layer attention, MLP; ``Out`` last."""
     per_layer = 1 if attn_only else 2
     if node.kind == "embed":
         return 0
@@ -111,7 +105,7 @@ def row_labels(n_layers: int, attn_only: bool) -> list[str]:
 
 def layout_of(graph: CircuitGraph, layout: str = "seq") -> Layout:
     """The (cached, read-only) ``Layout`` of ``graph``; ``ValueError`` for an unknown name."""
-    return _cached_layout(graph_key(graph), check_layout(layout))
+    return _cached_layout(graph.shape, check_layout(layout))
 
 
 def node_positions(graph: CircuitGraph, layout: str = "seq") -> dict[str, Point]:
@@ -125,9 +119,10 @@ def port_positions(graph: CircuitGraph, layout: str = "seq") -> dict[str, Point]
 
 
 @lru_cache(maxsize=64)
-def _cached_layout(key: GraphKey, name: str) -> Layout:
-    n_layers, n_heads, attn_only, n_positions = key
-    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+def _cached_layout(shape: GraphShape, name: str) -> Layout:
+    """The layout of the graph of ``shape``: one column's cell, tiled once per position."""
+    graph = CircuitGraph.from_shape(shape)
+    n_layers, n_heads, attn_only, n_positions = shape
     n_cols = 1 if n_positions is None else n_positions
     if name == "seq":
         base, spacing = _seq_cell(graph)
@@ -175,7 +170,8 @@ def _cached_layout(key: GraphKey, name: str) -> Layout:
             if node.kind == "head":
                 for letter in QKV:
                     dx, dy = rim[letter]
-                    ports[graph.node_key(f"{node.name}.{letter}", pos)] = (x + dx / px_x, y + dy / px_y)
+                    port = node_key(f"{node.name}.{letter}", pos)
+                    ports[port] = (x + dx / px_x, y + dy / px_y)
             elif node.kind in ("mlp", "out"):
                 ports[node.key] = (x, y)
     columns = tuple((col * col_width, pos) for col, pos in enumerate(positions))
@@ -217,7 +213,8 @@ def _seq_cell(graph: CircuitGraph) -> tuple[dict[str, Point], float]:
             continue
         y = float(row_of(node, graph.n_layers, graph.attn_only))
         if node.kind == "head":
-            x = slot_x[node.head]  # type: ignore[index]
+            assert node.head is not None
+            x = slot_x[node.head]
         else:
             x = mlp_x if node.kind == "mlp" else spine
         out[node.name] = (x, y)

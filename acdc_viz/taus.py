@@ -32,7 +32,8 @@ def parse_taus(spec: str) -> list[float]:
         lo, hi, n = spec.split(":")
         lo_f, hi_f, count = float(lo), float(hi), int(n)
         if not (lo_f > 0 and hi_f > lo_f and count >= 2):
-            raise SettingsError(f"bad tau range {spec!r}: expected LOW:HIGH:COUNT with 0 < LOW < HIGH, COUNT >= 2")
+            raise SettingsError(f"bad tau range {spec!r}: expected LOW:HIGH:COUNT with "
+                                "0 < LOW < HIGH, COUNT >= 2")
         return [float(f"{x:.6g}") for x in np.geomspace(lo_f, hi_f, count)]
     taus = [float(x) for x in spec.split(",") if x.strip()]
     if not taus or any(math.isnan(t) or t < 0 for t in taus):

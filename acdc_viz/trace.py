@@ -25,8 +25,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, NoReturn
 
-import jsonschema
 from jsonschema.exceptions import best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
 
 from acdc_viz.errors import AcdcVizError
 from acdc_viz.files import write_atomic
@@ -124,7 +125,8 @@ class Trace:
     tokens: list[str] | None = None
     final_metric: float | None = None
 
-    __hash__ = None  # type: ignore[assignment]  # mutable: steps are appended during a run
+    # No __hash__: defining __eq__ makes a Trace unhashable, as it should be (steps are
+    # appended during a run).
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Trace):
@@ -149,6 +151,11 @@ class Trace:
     def resume_from(self) -> int:
         """The index of the next edge to test (``len(steps)``)."""
         return len(self.steps)
+
+    @property
+    def last_step(self) -> int:
+        """The index of the last recorded step; -1 before any."""
+        return len(self.steps) - 1
 
     @property
     def is_complete(self) -> bool:
@@ -177,6 +184,11 @@ class Trace:
         """The kept edges after all recorded steps, in visit order."""
         removed = {s.edge for s in self.steps if s.removed}
         return [e.name for e in self.graph.edges if e.name not in removed]
+
+    def kept_count(self, step: int) -> int:
+        """How many edges are in the circuit after step ``step`` (all of them for -1)."""
+        self.check_step(step)
+        return self.n_edges if step == -1 else self.steps[step].kept_edges
 
     def metric_after(self, step: int) -> float:
         """The current circuit's metric after step ``step`` (``initial_metric`` for -1).
@@ -305,7 +317,7 @@ class Trace:
                      "the kept edges and the final metric (Trace.finish() sets them)")
             if not _finite(self.final_metric):
                 fail(f"$.final.metric is {self.final_metric!r}; expected a finite number")
-            if not _close(self.final_metric, current):  # type: ignore[arg-type]
+            if not _close(self.final_metric, current):
                 fail(f"$.final.metric is {self.final_metric!r} but the metric after the last "
                      f"step is {current!r}; they must agree")
         elif self.final_metric is not None:
@@ -497,9 +509,9 @@ def trace_schema() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=1)
-def _validator() -> jsonschema.protocols.Validator:
+def _validator() -> Validator:
     schema = trace_schema()
-    cls = jsonschema.validators.validator_for(schema)
+    cls = validator_for(schema)
     cls.check_schema(schema)
     return cls(schema)
 

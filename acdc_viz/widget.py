@@ -12,11 +12,13 @@ final metric against tau, where clicking a point opens that run.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.util
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from acdc_viz.data import TokenPairs
 from acdc_viz.errors import SettingsError
 from acdc_viz.figure import TRACE_IDS, build_figure, update_figure
 from acdc_viz.layout import LAYOUTS
+from acdc_viz.patching import ABLATIONS
+from acdc_viz.runtime import display_name, torch_threads
 from acdc_viz.sweep import SweepResult, SweepRun
 from acdc_viz.sweep import sweep as run_sweep
 from acdc_viz.taus import check_tau, parse_taus
@@ -64,6 +68,9 @@ _CSS = """<style>
 _NODES = TRACE_IDS.index("nodes")
 HISTORY_WIDTH = 224
 """Pixels: narrow enough to sit beside a one-column seq-graph in JupyterLab at 1280 px."""
+_STYLE = {"description_width": "initial"}
+_ROW = {"flex_flow": "row wrap", "align_items": "center", "width": "100%"}
+_METRIC_COLOUR, _EDGES_COLOUR = "#0072B2", "#E69F00"
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,43 @@ def parse_tau(text: str) -> float | None:
     except SettingsError:
         return None
     return value if value > 0 else None
+
+
+def _row(children: list[Any], css_class: str | None = None) -> w.HBox:
+    """One row of controls that wraps when the notebook is narrow."""
+    row = w.HBox(children, layout=w.Layout(**_ROW))
+    if css_class:
+        row.add_class(css_class)
+    return row
+
+
+def _series(figure: Any) -> list[Any]:
+    """A figure's traces: plotly's ``data``, which the type checker cannot follow."""
+    return list(figure.data)
+
+
+def _twin_axis_plot(metric_name: str, height: int, xaxis: dict[str, Any],
+                    markers: bool = False, **layout: Any) -> go.FigureWidget:
+    """A narrow plot of a metric (left axis, blue) and kept edges (right axis, orange)."""
+    plot = go.FigureWidget()
+    mode = "lines+markers" if markers else "lines"
+    plot.add_scatter(name=metric_name, mode=mode, line={"color": _METRIC_COLOUR},
+                     marker={"size": 6} if markers else None)
+    plot.add_scatter(name="edges kept", mode=mode, yaxis="y2", line={"color": _EDGES_COLOUR},
+                     marker={"size": 6, "symbol": "square"} if markers else None)
+    plot.update_layout(
+        height=height, width=HISTORY_WIDTH, margin={"l": 38, "r": 38, "t": 40, "b": 36},
+        template="simple_white", font={"size": 11}, showlegend=False,
+        title={"text": f"<span style='color:{_METRIC_COLOUR}'>{metric_name}</span> and "
+                       f"<span style='color:{_EDGES_COLOUR}'>edges kept</span>",
+               "font_size": 12, "x": 0.5, "xanchor": "center", "y": 0.97, "yanchor": "top"},
+        xaxis=xaxis,
+        yaxis={"color": _METRIC_COLOUR, "rangemode": "tozero"},
+        yaxis2={"overlaying": "y", "side": "right", "color": _EDGES_COLOUR, "rangemode": "tozero",
+                "tickmode": "auto", "nticks": 6, "tickformat": "d"},
+        **layout,
+    )
+    return plot
 
 
 class Explorer:
@@ -116,28 +160,28 @@ class Explorer:
         model_name: str | None = None,
         export_dir: str | Path = ".",
     ) -> None:
+        """Load the task (or take the model and pairs), build the controls, show the first run."""
         self.export_dir = Path(export_dir)
         self._metrics: dict[str, Any] = {"kl": "kl", "mse": "mse"}
         if isinstance(task, str):
             from acdc_viz.tasks import get_task
 
             spec = get_task(task)
-            self.model = spec.load_model(device or "cpu")
-            if spec.check_model is not None:
-                spec.check_model(self.model)
-            self.pairs = spec.make_pairs(prompts or spec.default_prompts, 0)
-            self._metrics.update({name: make(self.pairs) for name, make in spec.metrics.items()})
+            prepared = spec.prepare(device or "cpu", prompts)
+            self.model, self.pairs = prepared.model, prepared.pairs
+            self._metrics = prepared.metrics
             tau = tau if tau is not None else spec.default_tau
             metric = metric or spec.default_metric
             ablation = ablation or spec.default_ablation
-            tokens = tokens or (spec.token_labels(self.pairs) if spec.token_labels else None)
+            tokens = tokens or prepared.tokens
             self.name = model_name or spec.name
         else:
             if pairs is None:
-                raise ValueError("Explorer(model, pairs): give clean and corrupt token ids for your model")
+                raise ValueError("Explorer(model, pairs): give clean and corrupt token ids for "
+                                 "your model")
             self.model = task
             self.pairs = pairs if isinstance(pairs, TokenPairs) else TokenPairs.from_batch(pairs)
-            self.name = model_name or getattr(getattr(task, "cfg", None), "model_name", None) or "model"
+            self.name = display_name(task, model_name)
         self.tokens = tokens
         self.runs: dict[RunKey, Acdc] = {}
         self.acdc: Acdc | None = None
@@ -156,168 +200,184 @@ class Explorer:
         self._sweep_lock = threading.Lock()
         self.redraws = 0
         self.redraw_seconds = 0.0
-        self._build_controls(tau if tau is not None else 0.01, metric or "kl", ablation or "resample",
-                             positions, layout, device)
+        self._build_controls(tau if tau is not None else 0.01, metric or "kl",
+                             ablation or "resample", positions, layout, device)
         self._select_run()
 
     # ----- controls ----------------------------------------------------------------------------
 
     def _build_controls(self, tau: float, metric: str, ablation: str, positions: bool, layout: str,
                         device: str | None) -> None:
-        style = {"description_width": "initial"}
-        self.tau_slider = w.FloatLogSlider(value=tau, base=10, min=-6, max=0, step=0.05, description="tau",
-                                           readout=False, continuous_update=False, style=style,
-                                           layout=w.Layout(width="180px"))
-        # The exact value, shown as the slider's readout: its own "tau" label is hidden (CSS), and
-        # an invalid value is flagged by the box's colour and by the message line.
-        self.tau_text = w.Text(value=f"{tau:g}", description="tau", style={"description_width": "0px"},
-                               tooltip="tau: type an exact value, then Enter",
-                               layout=w.Layout(width="76px"), continuous_update=False)
-        self.tau_text.add_class("acdc-tau-text")
-        self.metric = w.Dropdown(options=list(self._metrics), value=metric if metric in self._metrics else "kl",
-                                 description="metric", style=style, layout=w.Layout(width="162px"))
-        self.ablation = w.Dropdown(options=["resample", "zero", "mean"], value=ablation,
-                                   description="ablation", style=style, layout=w.Layout(width="150px"))
-        self.positions = w.ToggleButton(value=positions, description="positions",
-                                        tooltip="split every edge by token position",
-                                        layout=w.Layout(width="84px"))
-        self.layout = w.Dropdown(options=list(LAYOUTS), value=layout, description="layout", style=style,
-                                 layout=w.Layout(width="170px"))
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        self.device = w.Dropdown(options=devices, value=device if device in devices else "cpu",
-                                 description="device", style=style, layout=w.Layout(width="108px"))
-        self.show_removed = w.Checkbox(value=True, description="show removed", indent=False,
-                                       layout=w.Layout(width="120px"))
-        self.buttons = {name: w.Button(description=name, layout=w.Layout(width="60px"))
-                        for name in BUTTONS}
-        self.buttons["Run"].button_style = "primary"
-        self.status = w.HTML(layout=w.Layout(flex="0 1 auto"))
-        self.status.add_class("acdc-status")
-        self.progress = w.IntProgress(min=0, max=1, layout=w.Layout(flex="1 1 60px", max_width="300px",
-                                                                     min_width="60px"))
-        self.eta = w.Label(layout=w.Layout(width="auto", min_width="64px"))
-        self.message = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 0 0 12px"))
-        self.message.add_class("acdc-message")
-        self.log = w.Output(layout=w.Layout(max_height="120px", overflow="auto"))
-        self.replay = w.IntSlider(value=-1, min=-1, max=-1, description="replay step", style=style,
-                                  continuous_update=True,
-                                  layout=w.Layout(flex="1 1 240px", max_width="520px", min_width="200px"))
-        self.play = w.Play(value=-1, min=-1, max=-1, interval=150, description="Play",
-                           layout=w.Layout(width="auto"))
-        w.jslink((self.play, "value"), (self.replay, "value"))
-        self.exports = {ext: w.Button(description=label, tooltip=f"write the {label} to the export folder",
-                                      layout=w.Layout(width="auto", min_width="64px"))
-                        for ext, label in ((".html", "HTML"), (".png", "PNG"), (".svg", "SVG"),
-                                           (".json", "Trace JSON"))}
-        self.history = go.FigureWidget()
-        self.history.add_scatter(name="metric", mode="lines", line={"color": "#0072B2"})
-        self.history.add_scatter(name="edges kept", mode="lines", yaxis="y2", line={"color": "#E69F00"})
-        self.history.update_layout(
-            height=250, width=HISTORY_WIDTH, margin={"l": 38, "r": 38, "t": 40, "b": 36},
-            template="simple_white", font={"size": 11}, showlegend=False,
-            title={"text": "<span style='color:#0072B2'>metric</span> and "
-                           "<span style='color:#E69F00'>edges kept</span>",
-                   "font_size": 12, "x": 0.5, "xanchor": "center", "y": 0.97, "yanchor": "top"},
-            xaxis={"title": {"text": "step", "standoff": 4}},
-            yaxis={"color": "#0072B2", "rangemode": "tozero"},
-            yaxis2={"overlaying": "y", "side": "right", "color": "#E69F00", "rangemode": "tozero",
-                    "tickmode": "auto", "nticks": 6, "tickformat": "d"},
-        )
-        self.sweep_taus = w.Text(value=DEFAULT_SWEEP, description="sweep taus", style=style,
-                                 tooltip="LOW:HIGH:COUNT (log-spaced) or a comma-separated list",
-                                 layout=w.Layout(width="210px"), continuous_update=False)
-        executors = ["local"] + (["ray"] if importlib.util.find_spec("ray") is not None else [])
-        self.sweep_executor = w.Dropdown(options=executors, value="local", description="on",
-                                         style=style, layout=w.Layout(width="100px"),
-                                         tooltip="local: one run after another in this kernel; "
-                                                 "ray: Ray tasks (a local instance, or ray.init first)")
-        self.sweep_buttons = {name: w.Button(description=name, layout=w.Layout(width="72px"))
-                              for name in SWEEP_BUTTONS}
-        self.sweep_buttons["Sweep"].tooltip = "run every tau of the list in the background"
-        self.sweep_buttons["Cancel"].disabled = True
-        self.sweep_status = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 0 0 8px"))
-        self.sweep_plot = go.FigureWidget()
-        self.sweep_plot.add_scatter(name="final metric", mode="lines+markers",
-                                    line={"color": "#0072B2"}, marker={"size": 6})
-        self.sweep_plot.add_scatter(name="edges kept", mode="lines+markers", yaxis="y2",
-                                    line={"color": "#E69F00"}, marker={"size": 6, "symbol": "square"})
-        self.sweep_plot.update_layout(
-            height=230, width=HISTORY_WIDTH, margin={"l": 38, "r": 38, "t": 40, "b": 36},
-            template="simple_white", font={"size": 11}, showlegend=False, clickmode="event",
-            title={"text": "<span style='color:#0072B2'>final metric</span> and "
-                           "<span style='color:#E69F00'>edges kept</span>",
-                   "font_size": 12, "x": 0.5, "xanchor": "center", "y": 0.97, "yanchor": "top"},
-            xaxis={"title": {"text": "tau (click: open)", "standoff": 4}, "type": "log"},
-            yaxis={"color": "#0072B2", "rangemode": "tozero"},
-            yaxis2={"overlaying": "y", "side": "right", "color": "#E69F00", "rangemode": "tozero",
-                    "tickmode": "auto", "nticks": 6, "tickformat": "d"},
-        )
-        for series in self.sweep_plot.data:
-            series.on_click(self._on_sweep_click)
+        """Build every row of controls, connect them, and arrange the Explorer.
 
+        Top to bottom: the controls (1. what to run; 2. running it, and where it stands; 3. how
+        to look at it: view options and replay; 4. sweeps); then the seq-graph with the
+        metric-and-edges plots and the export buttons beside it, or below it when the notebook
+        is too narrow for both (JupyterLab at 1280 px with its file browser open).
+        """
+        rows = [self._settings_row(tau, metric, ablation, positions, device), self._actions_row(),
+                self._status_row(), self._view_row(layout), self._sweep_row()]
+        controls = w.VBox(rows, layout=w.Layout(width="100%"))
+        controls.add_class("acdc-controls")
         # The seq-graph has the fixed size its layout was computed for: it is never squeezed or
         # clipped. A figure wider than the notebook scrolls sideways in its own box (and nothing
         # scrolls vertically: the notebook does that).
-        self.figure_box = w.Box(layout=w.Layout(flex="0 1 auto", max_width="100%", overflow="auto hidden"))
+        self.figure_box = w.Box(layout=w.Layout(flex="0 1 auto", max_width="100%",
+                                                overflow="auto hidden"))
         self.figure_box.add_class("acdc-figure")
+        body = w.HBox([self.figure_box, self._side_panel()],
+                      layout=w.Layout(flex_flow="row wrap", align_items="flex-start",
+                                      width="100%", margin="4px 0 0 0"))
+        css = w.HTML(_CSS, layout=w.Layout(display="none"))
+        self.widget = w.VBox([css, controls, body], layout=w.Layout(width="100%"))
+        self.widget.add_class("acdc-explorer")
 
+    def _settings_row(self, tau: float, metric: str, ablation: str, positions: bool,
+                      device: str | None) -> w.HBox:
+        """What to run: tau (slider and exact value), metric, ablation, device, positions."""
+        self.tau_slider = w.FloatLogSlider(value=tau, base=10, min=-6, max=0, step=0.05,
+                                           description="tau", readout=False,
+                                           continuous_update=False, style=_STYLE,
+                                           layout=w.Layout(width="180px"))
+        # The exact value, shown as the slider's readout: its own "tau" label is hidden (CSS), and
+        # an invalid value is flagged by the box's colour and by the message line.
+        self.tau_text = w.Text(value=f"{tau:g}", description="tau",
+                               style={"description_width": "0px"},
+                               tooltip="tau: type an exact value, then Enter",
+                               layout=w.Layout(width="76px"), continuous_update=False)
+        self.tau_text.add_class("acdc-tau-text")
+        self.metric_dropdown = w.Dropdown(options=list(self._metrics),
+                                          value=metric if metric in self._metrics else "kl",
+                                          description="metric", style=_STYLE,
+                                          layout=w.Layout(width="162px"))
+        self.ablation_dropdown = w.Dropdown(options=list(ABLATIONS), value=ablation,
+                                            description="ablation", style=_STYLE,
+                                            layout=w.Layout(width="150px"))
+        self.positions_toggle = w.ToggleButton(value=positions, description="positions",
+                                               tooltip="split every edge by token position",
+                                               layout=w.Layout(width="84px"))
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        self.device_dropdown = w.Dropdown(options=devices,
+                                          value=device if device in devices else "cpu",
+                                          description="device", style=_STYLE,
+                                          layout=w.Layout(width="108px"))
         self.tau_slider.observe(self._on_tau_slider, "value")
         self.tau_text.observe(self._on_tau_text, "value")
-        for control in (self.metric, self.ablation, self.positions, self.device):
+        for control in (self.metric_dropdown, self.ablation_dropdown, self.positions_toggle,
+                        self.device_dropdown):
             control.observe(lambda _change: self._select_run(), "value")
-        self.layout.observe(lambda _change: self._redraw(), "value")
-        self.show_removed.observe(lambda _change: self._redraw(), "value")
-        self.replay.observe(self._on_replay, "value")
+        return _row([self.tau_slider, self.tau_text, self.metric_dropdown, self.ablation_dropdown,
+                     self.device_dropdown, self.positions_toggle], "acdc-settings")
+
+    def _actions_row(self) -> w.HBox:
+        """Running it: Run, Pause, Step, Stop, Reset, and the progress bar with its ETA."""
+        self.buttons = {name: w.Button(description=name, layout=w.Layout(width="60px"))
+                        for name in BUTTONS}
+        self.buttons["Run"].button_style = "primary"
+        self.progress = w.IntProgress(min=0, max=1, layout=w.Layout(
+            flex="1 1 60px", max_width="300px", min_width="60px"))
+        self.eta = w.Label(layout=w.Layout(width="auto", min_width="64px"))
         self.buttons["Run"].on_click(lambda _b: self.run())
         self.buttons["Pause"].on_click(lambda _b: self.pause())
         self.buttons["Step"].on_click(lambda _b: self.step())
         self.buttons["Stop"].on_click(lambda _b: self.stop())
         self.buttons["Reset"].on_click(lambda _b: self.reset())
-        for ext, button in self.exports.items():
-            button.on_click(lambda _b, ext=ext: self.export(ext))
+        return _row([*self.buttons.values(), self.progress, self.eta], "acdc-actions")
+
+    def _status_row(self) -> w.HBox:
+        """Where the run stands (``step i / N``, ``edges kept k``), and the last message."""
+        self.status_label = w.HTML(layout=w.Layout(flex="0 1 auto"))
+        self.status_label.add_class("acdc-status")
+        self.message = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 0 0 12px"))
+        self.message.add_class("acdc-message")
+        return _row([self.status_label, self.message])
+
+    def _view_row(self, layout: str) -> w.HBox:
+        """How to look at it: the layout, removed edges shown or not, and the replay slider."""
+        self.layout_dropdown = w.Dropdown(options=list(LAYOUTS), value=layout,
+                                          description="layout", style=_STYLE,
+                                          layout=w.Layout(width="170px"))
+        self.show_removed = w.Checkbox(value=True, description="show removed", indent=False,
+                                       layout=w.Layout(width="120px"))
+        self.replay = w.IntSlider(value=-1, min=-1, max=-1, description="replay step",
+                                  style=_STYLE, continuous_update=True,
+                                  layout=w.Layout(flex="1 1 240px", max_width="520px",
+                                                  min_width="200px"))
+        self.play = w.Play(value=-1, min=-1, max=-1, interval=150, description="Play",
+                           layout=w.Layout(width="auto"))
+        w.jslink((self.play, "value"), (self.replay, "value"))
+        self.layout_dropdown.observe(lambda _change: self._redraw(), "value")
+        self.show_removed.observe(lambda _change: self._redraw(), "value")
+        self.replay.observe(self._on_replay, "value")
+        return _row([self.layout_dropdown, self.show_removed, self.play, self.replay],
+                    "acdc-view")
+
+    def _sweep_row(self) -> w.HBox:
+        """Sweeps: the taus, where they run (here or on Ray), Sweep and Cancel, and progress."""
+        self.sweep_taus = w.Text(value=DEFAULT_SWEEP, description="sweep taus", style=_STYLE,
+                                 tooltip="LOW:HIGH:COUNT (log-spaced) or a comma-separated list",
+                                 layout=w.Layout(width="210px"), continuous_update=False)
+        executors = ["local"] + (["ray"] if importlib.util.find_spec("ray") is not None else [])
+        self.sweep_executor = w.Dropdown(
+            options=executors, value="local", description="on", style=_STYLE,
+            layout=w.Layout(width="100px"),
+            tooltip="local: one run after another in this kernel; "
+                    "ray: Ray tasks (a local instance, or ray.init first)")
+        self.sweep_buttons = {name: w.Button(description=name, layout=w.Layout(width="72px"))
+                              for name in SWEEP_BUTTONS}
+        self.sweep_buttons["Sweep"].tooltip = "run every tau of the list in the background"
+        self.sweep_buttons["Cancel"].disabled = True
+        self.sweep_status = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 0 0 8px"))
         self.sweep_buttons["Sweep"].on_click(lambda _b: self.sweep())
         self.sweep_buttons["Cancel"].on_click(lambda _b: self.cancel_sweep())
+        return _row([self.sweep_taus, self.sweep_executor, *self.sweep_buttons.values(),
+                     self.sweep_status], "acdc-sweep")
 
-        # Arrangement, top to bottom: the controls (1. what to run; 2. running it, and where it
-        # stands; 3. how to look at it: view options and replay); then the seq-graph with the
-        # metric-and-edges plot and the export buttons beside it, or below it when the notebook is
-        # too narrow for both (JupyterLab at 1280 px with its file browser open).
-        row = {"flex_flow": "row wrap", "align_items": "center", "width": "100%"}
-        settings = w.HBox([self.tau_slider, self.tau_text, self.metric, self.ablation, self.device,
-                           self.positions], layout=w.Layout(**row))
-        settings.add_class("acdc-settings")
-        actions = w.HBox([*self.buttons.values(), self.progress, self.eta], layout=w.Layout(**row))
-        actions.add_class("acdc-actions")
-        status = w.HBox([self.status, self.message], layout=w.Layout(**row))
-        view = w.HBox([self.layout, self.show_removed, self.play, self.replay], layout=w.Layout(**row))
-        view.add_class("acdc-view")
-        sweeps = w.HBox([self.sweep_taus, self.sweep_executor, *self.sweep_buttons.values(),
-                         self.sweep_status], layout=w.Layout(**row))
-        sweeps.add_class("acdc-sweep")
-        controls = w.VBox([settings, actions, status, view, sweeps], layout=w.Layout(width="100%"))
-        controls.add_class("acdc-controls")
+    def _side_panel(self) -> w.VBox:
+        """Beside the seq-graph: the run's history, the sweep plot, the exports and the log."""
+        self.history = _twin_axis_plot("metric", 250, {"title": {"text": "step", "standoff": 4}})
+        self.sweep_plot = _twin_axis_plot(
+            "final metric", 230, {"title": {"text": "tau (click: open)", "standoff": 4},
+                                  "type": "log"}, markers=True, clickmode="event")
+        for series in _series(self.sweep_plot):
+            series.on_click(self._on_sweep_click)
+        self.exports = {ext: w.Button(description=label,
+                                      tooltip=f"write the {label} to the export folder",
+                                      layout=w.Layout(width="auto", min_width="64px"))
+                        for ext, label in ((".html", "HTML"), (".png", "PNG"), (".svg", "SVG"),
+                                           (".json", "Trace JSON"))}
+        for ext, button in self.exports.items():
+            button.on_click(lambda _b, ext=ext: self.export(ext))
+        self.log_output = w.Output(layout=w.Layout(max_height="120px", overflow="auto"))
         exports = list(self.exports.values())
-        side = w.VBox([self.history, self.sweep_plot, w.HTML("<b>export</b>"), w.HBox(exports[:2]),
-                       w.HBox(exports[2:]), self.log],
-                      layout=w.Layout(flex=f"0 0 {HISTORY_WIDTH + 4}px", width=f"{HISTORY_WIDTH + 4}px"))
+        side = w.VBox([self.history, self.sweep_plot, w.HTML("<b>export</b>"),
+                       w.HBox(exports[:2]), w.HBox(exports[2:]), self.log_output],
+                      layout=w.Layout(flex=f"0 0 {HISTORY_WIDTH + 4}px",
+                                      width=f"{HISTORY_WIDTH + 4}px"))
         side.add_class("acdc-side")
-        body = w.HBox([self.figure_box, side], layout=w.Layout(flex_flow="row wrap", align_items="flex-start",
-                                                               width="100%", margin="4px 0 0 0"))
-        css = w.HTML(_CSS, layout=w.Layout(display="none"))
-        self.widget = w.VBox([css, controls, body], layout=w.Layout(width="100%"))
-        self.widget.add_class("acdc-explorer")
+        return side
+
+    @contextlib.contextmanager
+    def _syncing_controls(self) -> Iterator[None]:
+        """Controls changed from code inside this block don't act on it (``_syncing``)."""
+        before = self._syncing
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = before
 
     # ----- settings and the run cache ------------------------------------------------------------
 
     def _on_tau_slider(self, change: dict) -> None:
         if self._syncing:
             return
-        self._syncing = True
-        self.tau_text.value = f"{change['new']:.3g}"
-        self._syncing = False
+        with self._syncing_controls():
+            self.tau_text.value = f"{change['new']:.3g}"
         self._select_run()
 
     def _on_tau_text(self, change: dict) -> None:
+        """Check a typed tau: flag it if invalid, else move the slider and show its run."""
         tau = parse_tau(change["new"])
         if tau is None:
             self.tau_text.add_class("acdc-invalid")
@@ -328,9 +388,9 @@ class Explorer:
         self.tau_text.remove_class("acdc-invalid")
         self.tau_text.description = "tau"
         if not self._syncing:
-            self._syncing = True
-            self.tau_slider.value = min(max(tau, 10**self.tau_slider.min), 10**self.tau_slider.max)
-            self._syncing = False
+            with self._syncing_controls():
+                self.tau_slider.value = min(max(tau, 10**self.tau_slider.min),
+                                            10**self.tau_slider.max)
         self._select_run()
 
     @property
@@ -338,15 +398,23 @@ class Explorer:
         return parse_tau(self.tau_text.value)
 
     def run_key(self) -> RunKey | None:
+        """The settings of the controls, or None while tau is invalid."""
         tau = self.tau
-        if tau is None:
-            return None
-        return RunKey(tau, self.metric.value, self.ablation.value, bool(self.positions.value), self.device.value)
+        return None if tau is None else self._settings_key(tau)
+
+    def _settings_key(self, tau: float) -> RunKey:
+        return RunKey(tau, str(self.metric_dropdown.value), str(self.ablation_dropdown.value),
+                      bool(self.positions_toggle.value), str(self.device_dropdown.value))
+
+    @property
+    def _layout_name(self) -> str:
+        return str(self.layout_dropdown.value)
 
     def _select_run(self) -> None:
         """Show the run of the current settings: the cached one, or a fresh one at step -1."""
         if self.running:
-            self._show_message("finish or pause the current run before changing settings", error=True)
+            self._show_message("finish or pause the current run before changing settings",
+                               error=True)
             return
         key = self.run_key()
         if key is None:
@@ -358,8 +426,9 @@ class Explorer:
         if current is None or (swept is not None and not current.done):
             try:
                 # A sweep's complete trace becomes a finished run (replayed, nothing recomputed).
-                self.runs[key] = Acdc(self.model, self.pairs, tau=key.tau, metric=self._metrics[key.metric],
-                                      ablation=key.ablation, positions=key.positions, device=key.device,
+                self.runs[key] = Acdc(self.model, self.pairs, tau=key.tau,
+                                      metric=self._metrics[key.metric], ablation=key.ablation,
+                                      positions=key.positions, device=key.device,
                                       model_name=self.name, tokens=self.tokens, resume=swept)
             except Exception as exc:  # noqa: BLE001 - shown in the widget, never raised into the cell
                 self.acdc = None
@@ -380,9 +449,9 @@ class Explorer:
 
     def _new_figure(self) -> None:
         assert self.acdc is not None
-        self.fig = build_figure(self.acdc.trace, None, layout=self.layout.value,
+        self.fig = build_figure(self.acdc.trace, None, layout=self._layout_name,
                                 show_removed=self.show_removed.value, widget=True)
-        self.fig.data[_NODES].on_click(self._on_node_click)
+        _series(self.fig)[_NODES].on_click(self._on_node_click)
         self.figure_box.children = (self.fig,)
 
     # ----- actions -------------------------------------------------------------------------------
@@ -404,8 +473,8 @@ class Explorer:
         self._pause.clear()
         self._stop.clear()
         self.error = None
-        self._thread = threading.Thread(target=self._work, args=(self.acdc, max_steps), daemon=True,
-                                        name="acdc-viz-run")
+        self._thread = threading.Thread(target=self._work, args=(self.acdc, max_steps),
+                                        daemon=True, name="acdc-viz-run")
         self._thread.start()
         self._sync_buttons()
 
@@ -445,27 +514,26 @@ class Explorer:
             self._thread.join(timeout)
 
     def _work(self, acdc: Acdc, max_steps: int | None) -> None:
+        """The run thread: step, redraw now and then, halt on Pause, Stop or ``max_steps``."""
         done, last, gap = 0, 0.0, REDRAW_SECONDS
         # A second OpenMP team (this thread's) next to the kernel thread's made CPU runs about 4x
         # slower here (benchmarks/bench_widget.py); one intra-op thread avoids that.
-        threads = torch.get_num_threads()
-        if acdc.device.type == "cpu":
-            torch.set_num_threads(1)
         try:
-            for _ in acdc.steps():
-                done += 1
-                now = time.perf_counter()
-                if now - last >= gap:
-                    self._redraw(follow=True)
-                    last = time.perf_counter()
-                    # big figures redraw less often, so that drawing stays a small share of the run
-                    gap = max(REDRAW_SECONDS, REDRAW_SHARE_FACTOR * (last - now))
-                if self._pause.is_set() or self._stop.is_set() or (max_steps and done >= max_steps):
-                    break
+            with torch_threads(1 if acdc.device.type == "cpu" else None):
+                for _ in acdc.steps():
+                    done += 1
+                    now = time.perf_counter()
+                    if now - last >= gap:
+                        self._redraw(follow=True)
+                        last = time.perf_counter()
+                        # big figures redraw less often: drawing stays a small share of the run
+                        gap = max(REDRAW_SECONDS, REDRAW_SHARE_FACTOR * (last - now))
+                    if (self._pause.is_set() or self._stop.is_set()
+                            or (max_steps and done >= max_steps)):
+                        break
         except Exception as exc:  # noqa: BLE001 - shown in the widget; the trace so far survives
             self._show_error(exc)
         finally:
-            torch.set_num_threads(threads)
             self._thread = None
             self._redraw(follow=True)
             self._sync_buttons()
@@ -494,8 +562,7 @@ class Explorer:
         except (SettingsError, ValueError) as exc:
             self._show_message(f"sweep taus: {exc}", error=True)
             return
-        template = RunKey(0.0, self.metric.value, self.ablation.value, bool(self.positions.value),
-                          self.device.value)
+        template = self._settings_key(0.0)
         cached = self._sweep_series(template)
         todo = sorted({t for t in wanted if t not in cached})
         if not todo:
@@ -503,7 +570,8 @@ class Explorer:
             return
         self._sweep_cancel.clear()
         self._sweep_thread = threading.Thread(
-            target=self._sweep_work, args=(todo, template, executor or self.sweep_executor.value, options),
+            target=self._sweep_work,
+            args=(todo, template, executor or self.sweep_executor.value, options),
             daemon=True, name="acdc-viz-sweep")
         self._sweep_thread.start()
         self._sync_sweep_buttons()
@@ -520,6 +588,7 @@ class Explorer:
 
     def _sweep_work(self, taus: list[float], template: RunKey, executor: str,
                     options: dict[str, Any]) -> None:
+        """The sweep thread: run the taus, caching each trace and updating the plot as it ends."""
         counts = {"done": 0, "failed": 0}
         self.sweep_status.value = f"sweep: 0 / {len(taus)} ({executor})"
 
@@ -532,7 +601,7 @@ class Explorer:
                     self.sweep_traces[key] = run.trace
                 self._refresh_sweep_plot()
             else:
-                self.log.append_stdout(f"sweep: tau={run.job.tau:g} failed: {run.error}\n")
+                self.log_output.append_stdout(f"sweep: tau={run.job.tau:g} failed: {run.error}\n")
             failed = f", {counts['failed']} failed" if counts["failed"] else ""
             self.sweep_status.value = (f"sweep: {counts['done'] + counts['failed']} / {len(taus)}"
                                        f"{failed} ({executor})")
@@ -557,7 +626,7 @@ class Explorer:
             self._sync_sweep_buttons()
 
     def _sweep_series(self, template: RunKey) -> dict[float, Trace]:
-        """tau -> complete trace, for the cached runs (swept or not) with the template's settings."""
+        """tau -> complete trace of the cached runs (swept or not) with the template's settings."""
         def same(key: RunKey) -> bool:
             return (key.metric, key.ablation, key.positions, key.device) == (
                 template.metric, template.ablation, template.positions, template.device)
@@ -571,14 +640,12 @@ class Explorer:
 
     def _refresh_sweep_plot(self) -> None:
         """The sweep plot shows every complete run of the current settings, the open one larger."""
-        template = RunKey(0.0, self.metric.value, self.ablation.value, bool(self.positions.value),
-                          self.device.value)
-        series = self._sweep_series(template)
+        series = self._sweep_series(self._settings_key(0.0))
         taus = list(series)
         selected = self.tau
         sizes = [11 if t == selected else 6 for t in taus]
         with self.sweep_plot.batch_update():
-            metric, kept = self.sweep_plot.data
+            metric, kept = _series(self.sweep_plot)
             metric.x = kept.x = taus
             metric.y = [t.final_metric for t in series.values()]
             kept.y = [len(t.final_kept_edges) for t in series.values()]
@@ -589,7 +656,7 @@ class Explorer:
             self.select_tau(float(series.x[points.point_inds[0]]))
 
     def select_tau(self, tau: float) -> None:
-        """Open the run at ``tau`` with the current settings (what a click on the sweep plot does)."""
+        """Open the run at ``tau`` with the current settings (what a sweep-plot click does)."""
         text = repr(float(tau))
         if self.tau_text.value == text:
             self._select_run()
@@ -610,7 +677,7 @@ class Explorer:
     def _on_node_click(self, _trace: Any, points: Any, _selector: Any) -> None:
         if not points.point_inds:
             return
-        key = self.fig.data[_NODES].customdata[points.point_inds[0]]
+        key = _series(self.fig)[_NODES].customdata[points.point_inds[0]]
         self.highlight(None if key == self._highlight else key)
 
     def highlight(self, node_key: str | None) -> None:
@@ -625,39 +692,34 @@ class Explorer:
             return
         start = time.perf_counter()
         trace = acdc.trace
-        last = len(trace.steps) - 1
+        last = trace.last_step
         shown = last if (follow or step is None) else min(step, last)
-        self._syncing = True
-        try:
+        with self._syncing_controls():
             self.replay.max = self.play.max = last
             if follow or step is None:
                 self.replay.value = self.play.value = shown
-        finally:
-            self._syncing = False
         try:
             update_figure(self.fig, trace, shown, show_removed=self.show_removed.value,
-                          highlight=self._highlight, layout=self.layout.value)
+                          highlight=self._highlight, layout=self._layout_name)
         except (KeyError, ValueError):   # a node of another graph shape was highlighted
             self._highlight = None
             update_figure(self.fig, trace, shown, show_removed=self.show_removed.value,
-                          layout=self.layout.value)
-        steps = trace.steps[: shown + 1]
+                          layout=self._layout_name)
+        xs = list(range(-1, shown + 1))
         with self.history.batch_update():
-            xs = list(range(-1, shown + 1))
-            self.history.data[0].x = xs
-            self.history.data[0].y = [trace.initial_metric] + [trace.metric_after(s.index) for s in steps]
-            self.history.data[1].x = xs
-            self.history.data[1].y = [trace.n_edges] + [s.kept_edges for s in steps]
-        kept = steps[-1].kept_edges if steps else trace.n_edges
-        metric = trace.metric_after(shown)
+            metric_line, kept_line = _series(self.history)
+            metric_line.x = kept_line.x = xs
+            metric_line.y = [trace.metric_after(i) for i in xs]
+            kept_line.y = [trace.kept_count(i) for i in xs]
         state = "complete" if acdc.done and shown == last else ("running" if self.running else "")
-        self.status.value = (
-            f"<b>step {shown + 1} / {trace.n_edges}</b> &nbsp;·&nbsp; edges kept {kept} &nbsp;·&nbsp; "
-            f"{html.escape(trace.settings['metric'])} {metric:.4g} &nbsp;·&nbsp; tau {trace.settings['tau']:g}"
-            + (f" &nbsp;·&nbsp; <i>{state}</i>" if state else "")
+        sep = " &nbsp;·&nbsp; "
+        self.status_label.value = (
+            f"<b>step {shown + 1} / {trace.n_edges}</b>{sep}edges kept {trace.kept_count(shown)}"
+            f"{sep}{html.escape(trace.settings['metric'])} {trace.metric_after(shown):.4g}"
+            f"{sep}tau {trace.settings['tau']:g}" + (f"{sep}<i>{state}</i>" if state else "")
         )
         self.progress.max = trace.n_edges
-        self.progress.value = len(trace.steps)
+        self.progress.value = trace.resume_from
         self.eta.value = self._eta(trace)
         self.redraws += 1
         self.redraw_seconds += time.perf_counter() - start
@@ -665,7 +727,7 @@ class Explorer:
     @staticmethod
     def _eta(trace: Trace) -> str:
         recent = trace.steps[-200:]
-        remaining = trace.n_edges - len(trace.steps)
+        remaining = trace.n_edges - trace.resume_from
         if not recent or remaining == 0:
             return "done" if remaining == 0 else ""
         per_step = sum(s.seconds for s in recent) / len(recent)
@@ -689,17 +751,19 @@ class Explorer:
         self.error = f"{type(exc).__name__}: {exc}"
         log.warning("acdc_viz widget: %s", self.error)
         self._show_message(self.error, error=True)
-        self.log.append_stdout(self.error + "\n")
+        self.log_output.append_stdout(self.error + "\n")
 
     # ----- export --------------------------------------------------------------------------------
 
     def export(self, ext: str) -> Path | None:
-        """Write the figure (``.html``, ``.png``, ``.svg``) or the trace (``.json``) to export_dir."""
+        """Write the figure (``.html``, ``.png``, ``.svg``) or the trace (``.json``) to
+        ``export_dir``: the path, or None after an error (shown in the widget, not raised)."""
         if self.acdc is None:
             return None
         trace = self.acdc.trace
         key = self.run_key()
-        stem = f"acdc_{self.name}_tau{trace.settings['tau']:g}" + ("_pos" if key and key.positions else "")
+        stem = (f"acdc_{self.name}_tau{trace.settings['tau']:g}"
+                + ("_pos" if key and key.positions else ""))
         path = self.export_dir / f"{stem}{ext}"
         try:
             if ext == ".json":
@@ -707,9 +771,10 @@ class Explorer:
             else:
                 from acdc_viz.export import export_figure
 
-                export_figure(build_figure(trace, self.replay.value, layout=self.layout.value,
-                                          show_removed=self.show_removed.value, highlight=self._highlight),
-                             path)
+                figure = build_figure(trace, self.replay.value, layout=self._layout_name,
+                                      show_removed=self.show_removed.value,
+                                      highlight=self._highlight)
+                export_figure(figure, path)
         except Exception as exc:  # noqa: BLE001 - e.g. no browser for PNG: shown, not raised
             self._show_error(exc)
             return None

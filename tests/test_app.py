@@ -1,4 +1,5 @@
-"""`acdc-viz app` and `acdc-viz demo` without a browser: settings, error pages, commands, exit codes."""
+"""`acdc-viz app` and `acdc-viz demo` without a browser: settings, error pages, commands, exit
+codes."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def test_settings_from_the_query_string_and_the_environment():
     assert app.app_settings("?task=tracr-reverse&tau=0.001&positions=1&layout=spring", {}) == \
         app.AppSettings("tracr-reverse", 0.001, True, "spring")
     assert app.app_settings("", {app.TASK_ENV: "induction-gpt2"}).task == "induction-gpt2"
-    assert app.app_settings("task=tracr-reverse", {app.TASK_ENV: "induction-gpt2"}).task == "tracr-reverse"
-    assert app.app_settings(None, {"QUERY_STRING": "task=tracr-proportion"}).task == "tracr-proportion"
+    settings = app.app_settings("task=tracr-reverse", {app.TASK_ENV: "induction-gpt2"})
+    assert settings.task == "tracr-reverse"
+    settings = app.app_settings(None, {"QUERY_STRING": "task=tracr-proportion"})
+    assert settings.task == "tracr-proportion"
 
 
 @pytest.mark.parametrize("query, error, words", [
@@ -57,7 +60,8 @@ def test_bad_settings_are_named(query, error, words):
 def test_unknown_task_is_an_error_page_not_a_traceback():
     view = app.app_view("task=nope", {})
     page = view.data
-    assert "acdc-app-error" in page and "Unknown task" in page and "unknown task &#x27;nope&#x27;" in page
+    assert "acdc-app-error" in page and "Unknown task" in page
+    assert "unknown task &#x27;nope&#x27;" in page
     for name in ("induction", "tracr-reverse", "ioi"):
         assert f"?task={name}'" in page
     assert "Traceback" not in page
@@ -90,7 +94,7 @@ def test_the_explorer_is_built_when_the_page_says_ready_and_carries_its_figures_
 
     collect(explorer.widget)
     assert len(figures) >= 2       # the seq-graph, the metric history (and more)
-    for fig in figures:            # the state a page rebuilds the figure from is its current content
+    for fig in figures:            # the state a page rebuilds the figure from: its current content
         assert fig._widget_data and as_json(fig._widget_data) == as_json(fig._data)
         assert as_json(fig._widget_layout) == as_json(fig._layout_obj._props)
     assert any(len(trace.get("x", ())) for trace in figures[0]._widget_data)
@@ -136,7 +140,8 @@ def test_a_taken_port_is_an_error(capsys, no_server):
 
 def test_missing_voila_says_what_to_install(monkeypatch, capsys, no_server):
     real = app.importlib.util.find_spec
-    monkeypatch.setattr(app.importlib.util, "find_spec", lambda name: None if name == "voila" else real(name))
+    monkeypatch.setattr(app.importlib.util, "find_spec",
+                        lambda name: None if name == "voila" else real(name))
     assert main(["app"]) == EXIT_ERROR
     assert "pip install 'acdc_viz[app]'" in capsys.readouterr().err
 
@@ -159,7 +164,8 @@ def test_serve_passes_the_task_and_prints_the_address(monkeypatch, capsys, tmp_p
     assert out == f"http://127.0.0.1:{port}/\n" and "tracr-reverse" in err
     assert started["env"][app.TASK_ENV] == "tracr-reverse"
     assert started["env"][app.EXPORT_ENV] == str(tmp_path)
-    assert f"--port={port}" in started["command"] and "--Voila.open_browser=False" in started["command"]
+    assert f"--port={port}" in started["command"]
+    assert "--Voila.open_browser=False" in started["command"]
 
 
 def test_demo_opens_the_quickstart(monkeypatch, tmp_path):
@@ -178,5 +184,6 @@ def test_headless_demo_writes_the_trace_and_the_figure(tmp_path, capsys, monkeyp
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("edges tested 81,") and "complete" in out[0]
     assert out[1].startswith(f"wrote {tmp_path / 'out' / 'circuit.html'}")
-    assert json.loads((tmp_path / "out" / "trace.json").read_text())["status"]["state"] == "complete"
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert trace["status"]["state"] == "complete"
     assert (tmp_path / "out" / "circuit.html").stat().st_size > 1000

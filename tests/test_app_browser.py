@@ -42,7 +42,8 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs /usr/bin/chromium (apt-get install -y chromium; `make browser`)"),
+                       reason="needs /usr/bin/chromium (apt-get install -y chromium; "
+                              "`make browser`)"),
 ]
 
 
@@ -81,10 +82,12 @@ def app(tmp_path: Path) -> Iterator[App]:
         process = subprocess.Popen(
             [sys.executable, "-m", "acdc_viz", "app", "--task", "induction", "--port", str(port),
              "--no-browser"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+            start_new_session=True)
     try:
         url = process.stdout.readline().strip()
-        assert url == f"http://127.0.0.1:{port}/", f"the address on stdout: {url!r}\n{log.read_text()}"
+        assert url == f"http://127.0.0.1:{port}/", \
+            f"the address on stdout: {url!r}\n{log.read_text()}"
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
@@ -108,7 +111,8 @@ def _wait(page, condition, timeout: float, what: str, app: App):
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\nserver log:\n{app.log_tail()}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\nserver log:\n"
+                        f"{app.log_tail()}")
         page.wait_for_timeout(200)
 
 
@@ -131,12 +135,15 @@ def test_app_serves_the_explorer_alone(app: App, tmp_path: Path) -> None:
             # the kernel starts, imports torch and loads the model before the page fills in
             page.wait_for_selector(".acdc-explorer .acdc-status", timeout=150_000)
             explorer = page.locator(".acdc-explorer")
-            _wait(page, lambda: (s := explorer_status(explorer)) and s[0] == 0 and s, 30, "step 0", app)
+            _wait(page, lambda: (s := explorer_status(explorer)) and s[0] == 0 and s, 30,
+                  "step 0", app)
             n_edges = explorer_status(explorer)[1]
-            before = _wait(page, lambda: edge_paths(explorer), 30, "the seq-graph's edges to be drawn", app)
+            before = _wait(page, lambda: edge_paths(explorer), 30,
+                           "the seq-graph's edges to be drawn", app)
 
             # no code: the cell's input is stripped
-            assert page.locator(".jp-InputArea, .jp-InputArea-editor, .cm-editor, .CodeMirror").count() == 0
+            code = ".jp-InputArea, .jp-InputArea-editor, .cm-editor, .CodeMirror"
+            assert page.locator(code).count() == 0
             text = page.locator("body").inner_text()
             assert "import" not in text and "show()" not in text, text[:500]
             assert page.locator(".acdc-app-header", has_text="induction").count() == 1
@@ -146,7 +153,8 @@ def test_app_serves_the_explorer_alone(app: App, tmp_path: Path) -> None:
             step = page.locator(".acdc-explorer button", has_text=re.compile("^Step$"))
             _wait(page, step.is_enabled, 30, "Step to be enabled", app)
             step.click()
-            _wait(page, lambda: (s := explorer_status(explorer)) and s[0] == 1, 60, "the status to show step 1", app)
+            _wait(page, lambda: (s := explorer_status(explorer)) and s[0] == 1, 60,
+                  "the status to show step 1", app)
             assert page.locator(".acdc-explorer .acdc-status").inner_text().replace("\xa0", " ") \
                 .startswith(f"step 1 / {n_edges}")
             _wait(page, lambda: (d := edge_paths(explorer)) != before and d, 15,

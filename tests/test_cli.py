@@ -15,7 +15,7 @@ from acdc_viz.trace import load_trace
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))      # the default model is built under ~/.cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default model is built in ~/.cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -23,7 +23,8 @@ def test_default_run_writes_a_complete_trace(tmp_path, capsys):
     out = tmp_path / "t.json"
     assert main(["run", "--out", str(out), "--quiet"]) == 0      # the bundled induction task
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "edges tested 81" in line and "edges kept" in line and "final metric" in line and " s;" in line
+    assert "edges tested 81" in line and "edges kept" in line
+    assert "final metric" in line and " s;" in line
     trace = load_trace(out)
     assert trace.is_complete and trace.settings["model"]["name"] == "induction"
     assert trace.tokens[0] == "BOS"
@@ -84,22 +85,24 @@ def test_errors_are_clear_and_write_nothing(tmp_path, capsys):
     assert "--task brings" in error_of(capsys, ["run", "--task", "induction", "--data", "x.json"])
     ragged = tmp_path / "ragged.json"
     ragged.write_text(json.dumps({"clean": [[1, 2, 3], [1, 2]], "corrupt": [[1, 2, 3], [1, 2]]}))
-    assert "length" in error_of(capsys, ["run", "--model", "tiny-gpt2", "--data", str(ragged), "--positions",
-                                         "--out", str(out)])
+    assert "length" in error_of(capsys, ["run", "--model", "tiny-gpt2", "--data", str(ragged),
+                                         "--positions", "--out", str(out)])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00not safetensors")
-    assert "garbage.safetensors" in error_of(capsys, ["run", "--model", "tiny-gpt2", "--data", str(garbage),
-                                                      "--out", str(out)])
+    assert "garbage.safetensors" in error_of(capsys, ["run", "--model", "tiny-gpt2", "--data",
+                                                      str(garbage), "--out", str(out)])
     truncated = tmp_path / "stopped.json"
     truncated.write_text('{"format_version": 1, "settings": {')
     assert "truncated" in error_of(capsys, ["run", "--resume", str(truncated), "--out", str(out)])
-    assert "hub" in error_of(capsys, ["run", "--model", "gpt2", "--data", str(ragged), "--out", str(out)])
+    assert "hub" in error_of(capsys, ["run", "--model", "gpt2", "--data", str(ragged),
+                                      "--out", str(out)])
     assert not out.exists()
 
 
 def test_sweep_writes_traces_and_a_summary_then_resumes(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--task", "tracr-proportion", "--taus", "1e-4,1e-2,1", "--out", str(out), "--quiet"]
+    argv = ["sweep", "--task", "tracr-proportion", "--taus", "1e-4,1e-2,1", "--out", str(out),
+            "--quiet"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [r["tau"] for r in summary["runs"]] == [1e-4, 1e-2, 1.0]
@@ -141,6 +144,7 @@ def test_sweep_with_a_failing_tau_exits_non_zero_and_keeps_the_rest(tmp_path, ca
 def test_sweep_usage_errors(tmp_path, capsys):
     out = tmp_path / "s"
     assert "unknown task" in error_of(capsys, ["sweep", "--task", "nope", "--out", str(out)])
-    assert "tau range" in error_of(capsys, ["sweep", "--task", "induction", "--taus", "1:0:3", "--out", str(out)])
+    assert "tau range" in error_of(capsys, ["sweep", "--task", "induction", "--taus", "1:0:3",
+                                            "--out", str(out)])
     with pytest.raises(SystemExit):
         main(["sweep", "--task", "induction", "--ablation", "blur", "--out", str(out)])

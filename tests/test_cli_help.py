@@ -1,4 +1,5 @@
-"""The CLI's surface (issue 6, part 5): complete help, --version, exit codes, stdout against stderr."""
+"""The CLI's surface (issue 6, part 5): complete help, --version, exit codes, stdout against
+stderr."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from acdc_viz import cli
 from acdc_viz.cli import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, main
+from acdc_viz.cli_parser import build_parser
 from acdc_viz.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +29,13 @@ def acdc_viz(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = cli._parser()
+    parser = build_parser()
     (group,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(group.choices)
 
 
 def test_every_command_and_option_is_explained():
-    parser = cli._parser()
+    parser = build_parser()
     top = parser.format_help()
     commands = subcommands()
     assert {"run", "render", "roc", "tasks", "app", "demo"} <= set(commands)
@@ -69,11 +71,12 @@ def test_help_and_version(tmp_path, capsys):
     from acdc_viz import __version__
 
     assert version.returncode == 0
-    assert version.stdout.startswith(f"acdc-viz {__version__} (torch ") and "transformer-lens" in version.stdout
+    assert version.stdout.startswith(f"acdc-viz {__version__} (torch ")
+    assert "transformer-lens" in version.stdout
 
 
-@pytest.mark.parametrize("args", [[], ["frobnicate"], ["run", "--tau"], ["run", "--ablation", "sideways"],
-                                  ["app", "--port", "eighty"]])
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["run", "--tau"],
+                                  ["run", "--ablation", "sideways"], ["app", "--port", "eighty"]])
 def test_usage_errors_exit_2_on_stderr(args, capsys):
     code, out, err = exit_status(capsys, *args)
     assert code == EXIT_ERROR and out == "" and "usage: acdc-viz" in err

@@ -118,7 +118,8 @@ def test_html_export_draws_in_headless_chromium(trace_file: Path, tmp_path: Path
             x, y = page.evaluate(
                 """([x, y]) => { const gd = document.querySelector('.js-plotly-plot');
                 const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
-                return [r.left + gd._fullLayout.xaxis.l2p(x), r.top + gd._fullLayout.yaxis.l2p(y)]; }""",
+                return [r.left + gd._fullLayout.xaxis.l2p(x),
+                        r.top + gd._fullLayout.yaxis.l2p(y)]; }""",
                 [float(hover.x[i]), float(hover.y[i])])
             page.mouse.move(x, y)
             page.wait_for_selector(".hoverlayer .hovertext", timeout=5_000)

@@ -101,7 +101,8 @@ def test_state_after_step_matches_trace(step: int) -> None:
     assert segments(t["under-test"]) == (1 if step >= 0 else 0)
     assert segments(t["untested"]) == trace.n_edges - (step + 1)
     kept_tested = sum(segments(t[u]) for u in EDGE_UIDS if u.startswith("kept"))
-    assert kept_tested == (step + 1) - len(removed) - (0 if under is None or under in removed else 1)
+    under_kept = 0 if under is None or under in removed else 1
+    assert kept_tested == (step + 1) - len(removed) - under_kept
     # the hover markers name the edges drawn, with the decision of each
     hover = dict(zip(t["hover"].customdata, t["hover"].hovertext, strict=True))
     for i, e in enumerate(trace.graph.edges):
@@ -325,7 +326,8 @@ def test_highlight_draws_the_paths_and_dims_the_rest() -> None:
     t = by_uid(fig)
     assert segments(t["paths"]) == len(paths) > 0
     assert t["kept+large"].opacity < 1
-    on = [k for k, o in zip(t["nodes"].customdata, t["nodes"].marker.opacity, strict=True) if o == 1]
+    nodes = t["nodes"]
+    on = [k for k, o in zip(nodes.customdata, nodes.marker.opacity, strict=True) if o == 1]
     assert "A1.2" in on and "Out" in on
     fig2 = build_figure(trace)
     assert by_uid(fig2)["kept+large"].opacity == 1

@@ -28,10 +28,17 @@ def _trace_text(task_name: str, positions: bool) -> str:
     model = task.load_model("cpu")
     pairs = task.make_pairs(PROMPTS, 0)
     metric = task.default_metric
-    acdc = Acdc(model, pairs, tau=task.default_tau,
-                metric=task.metrics[metric](pairs) if metric in task.metrics else metric,
-                ablation=task.default_ablation, positions=positions, dtype=torch.float64,
-                model_name=task_name, tokens=task.token_labels(pairs) if task.token_labels else None)
+    acdc = Acdc(
+        model,
+        pairs,
+        tau=task.default_tau,
+        metric=task.metrics[metric](pairs) if metric in task.metrics else metric,
+        ablation=task.default_ablation,
+        positions=positions,
+        dtype=torch.float64,
+        model_name=task_name,
+        tokens=task.token_labels(pairs) if task.token_labels else None,
+    )
     data = acdc.run().canonical_dict()
     del data["settings"]["versions"]
     return json.dumps(data, indent=0, sort_keys=True) + "\n"

@@ -25,7 +25,8 @@ def test_other_paper_and_benchmark_counts(layers, heads, attn_only, edges):
 def test_visit_order_is_the_documented_one():
     g = CircuitGraph(2, 2)
     names = [e.name for e in g.edges]
-    assert names[:6] == ["MLP1->Out", "A1.1->Out", "A1.0->Out", "MLP0->Out", "A0.1->Out", "A0.0->Out"]
+    assert names[:6] == ["MLP1->Out", "A1.1->Out", "A1.0->Out", "MLP0->Out", "A0.1->Out",
+                         "A0.0->Out"]
     assert names[6] == "Embed->Out"
     after_out = [e.dest.name for e in g.edges[7:]]
     dests = list(dict.fromkeys(after_out))

@@ -29,8 +29,9 @@ def test_two_bundled_tasks_one_attention_only():
     assert sorted(TASKS) == ["induction", "induction-gpt2"]
     assert all(t.bundled for t in TASKS.values())
     cfgs = {t.name: bundled_meta(t.model_name)["config"] for t in TASKS.values()}
-    assert cfgs["induction"]["attn_only"] is True and cfgs["induction"]["normalization_type"] is None
-    assert cfgs["induction-gpt2"]["attn_only"] is False and cfgs["induction-gpt2"]["normalization_type"] == "LN"
+    attn_only, gpt2 = cfgs["induction"], cfgs["induction-gpt2"]
+    assert attn_only["attn_only"] is True and attn_only["normalization_type"] is None
+    assert gpt2["attn_only"] is False and gpt2["normalization_type"] == "LN"
 
 
 def test_bundled_files_are_small():
@@ -46,7 +47,8 @@ def test_model_loads_and_the_adapter_accepts_it(loaded):
     pairs = task.make_pairs(8, 0)
     weights = from_model(model, pairs.clean)  # raises if our forward differs from the model's
     with torch.no_grad():
-        torch.testing.assert_close(weights.forward(pairs.clean), model(pairs.clean), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(weights.forward(pairs.clean), model(pairs.clean), atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_model_does_induction(loaded):
@@ -78,8 +80,8 @@ def test_head_identification_reproduces_the_recorded_heads(loaded):
     tokens = induction.make_pairs(build["score_prompts"], build["seeds"]["scores"]).clean
     scores = induction.head_scores(model, tokens)
     for kind in ("previous_token", "induction"):
-        torch.testing.assert_close(torch.tensor(scores[kind]), torch.tensor(build["head_scores"][kind]),
-                                   atol=1e-3, rtol=0)
+        torch.testing.assert_close(torch.tensor(scores[kind]),
+                                   torch.tensor(build["head_scores"][kind]), atol=1e-3, rtol=0)
     heads = induction.identify_heads(scores)
     assert heads == build["heads"] == induction.recorded_heads(task.model_name)
     assert heads["previous_token"] and heads["induction"]
@@ -111,7 +113,8 @@ def test_canonical_circuit_does_the_task_alone(loaded):
     full = induction.circuit_metric(weights, pairs, None, metric)
     empty = induction.circuit_metric(weights, pairs, set(), metric)
     for positions in (False, True):
-        canonical = induction.circuit_metric(weights, pairs, task.canonical_edges(positions, pairs.seq_len), metric)
+        edges = task.canonical_edges(positions, pairs.seq_len)
+        canonical = induction.circuit_metric(weights, pairs, edges, metric)
         recovered = (empty - canonical) / (empty - full)
         assert recovered > 0.8, (positions, full, canonical, empty)
 
@@ -120,20 +123,23 @@ def test_default_run_keeps_the_key_edges(loaded):
     task, model = loaded
     pairs = task.make_pairs(task.default_prompts, 0)
     start = time.perf_counter()
-    trace = Acdc(model, pairs, tau=task.default_tau, metric=task.metrics[task.default_metric](pairs),
+    metric = task.metrics[task.default_metric](pairs)
+    trace = Acdc(model, pairs, tau=task.default_tau, metric=metric,
                  ablation=task.default_ablation).run()
     seconds = time.perf_counter() - start
     kept = set(trace.final_kept_edges)
     heads = induction.recorded_heads(task.model_name)
     # The induction heads are redundant, so ACDC may drop one of them whole; every induction head
-    # it keeps must still read a previous-token head through its key and the token through its query.
+    # it keeps must still read a previous-token head through its key and the token through its
+    # query.
     kept_heads = [i for i in heads["induction"] if f"{i}->Out" in kept]
     assert len(kept_heads) >= len(heads["induction"]) - 1
     for ind in kept_heads:
         assert any(f"{p}->{ind}.k" in kept for p in heads["previous_token"]), ind
         assert f"Embed->{ind}.q" in kept, ind
     build = bundled_meta(task.model_name)["build"]
-    strongest = max(heads["previous_token"], key=lambda h: build["head_scores"]["previous_token"][0][int(h[3:])])
+    scores = build["head_scores"]["previous_token"][0]
+    strongest = max(heads["previous_token"], key=lambda h: scores[int(h[3:])])
     assert f"Embed->{strongest}.v" in kept
     assert sum(f"{strongest}->{ind}.k" in kept for ind in heads["induction"]) >= 2
     canonical = task.canonical_edges(False, pairs.seq_len)
@@ -171,7 +177,8 @@ def test_make_pairs_refuses_impossible_requests():
 def test_metrics_and_labels():
     pairs = induction.make_pairs(4, 0)
     labels = induction.token_labels(pairs)
-    assert labels[0] == "BOS" and labels[1] == f"t{int(pairs.clean[0, 1])}" and len(labels) == pairs.seq_len
+    assert labels[0] == "BOS" and labels[1] == f"t{int(pairs.clean[0, 1])}"
+    assert len(labels) == pairs.seq_len
     logits = torch.randn(4, pairs.seq_len, induction.D_VOCAB)
     assert induction.kl_metric(pairs)(logits, logits) == pytest.approx(0.0, abs=1e-6)
     assert not induction.nll_metric(pairs).last_position_only

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from acdc_viz.graph import QKV, CircuitGraph
+from acdc_viz.graph import QKV, CircuitGraph, node_key
 from acdc_viz.layout import (
     LAYOUTS,
     _cached_layout,
@@ -31,7 +31,7 @@ def test_seq_rows_bottom_to_top(attn_only: bool, n_positions: int | None) -> Non
     positions = [None] if n_positions is None else range(n_positions)
     for p in positions:
         def y(name: str, p: int | None = p) -> float:
-            return pos[g.node_key(name, p)][1]
+            return pos[node_key(name, p)][1]
 
         order = ["Embed"]
         for layer in range(3):
@@ -70,7 +70,7 @@ def test_seq_columns_are_positions_and_heads_sit_side_by_side() -> None:
     # every column is the same picture, shifted
     for node in g.nodes:
         x, y = lay.nodes[node.key]
-        x0, y0 = lay.nodes[g.node_key(node.name, 0)]
+        x0, y0 = lay.nodes[node_key(node.name, 0)]
         assert (x - col_x[node.position], y) == pytest.approx((x0 - col_x[0], y0))
 
 
@@ -105,7 +105,7 @@ def test_ports_on_their_head(layout: str) -> None:
     heads = [n for n in g.nodes if n.kind == "head"]
     for node in heads:
         hx, hy = lay.nodes[node.key]
-        q, k, v = (ports[g.node_key(f"{node.name}.{c}", node.position)] for c in QKV)
+        q, k, v = (ports[node_key(f"{node.name}.{c}", node.position)] for c in QKV)
         assert q[0] < k[0] < v[0], "q left, k middle, v right"
         assert max(q[1], k[1], v[1]) < hy, "ports sit below the head"
         for port in (q, k, v):
@@ -114,7 +114,7 @@ def test_ports_on_their_head(layout: str) -> None:
     for node in g.nodes:
         if node.kind in ("mlp", "out"):
             assert ports[node.key] == lay.nodes[node.key]
-    dest_keys = {g.node_key(e.dest.name, e.position) for e in g.edges}
+    dest_keys = {node_key(e.dest.name, e.position) for e in g.edges}
     assert dest_keys <= set(ports)
 
 

@@ -77,7 +77,7 @@ def test_ioi_abc_corruption_changes_only_the_three_names(tok):
     assert bool(differ[:, names].all())
     assert not bool(differ[:, [p for p in range(15) if p not in names]].any())
     io, s = ioi.answers(pairs)
-    for row, i, j in zip(pairs.corrupt[:, names].tolist(), io.tolist(), s.tolist()):
+    for row, i, j in zip(pairs.corrupt[:, names].tolist(), io.tolist(), s.tolist(), strict=True):
         assert len(set(row)) == 3 and i not in row and j not in row
     assert tok.decode(pairs.clean[0]).endswith(" to")
 
@@ -92,7 +92,8 @@ def test_greaterthan_corruption_is_the_01_year(tok):
     yy = greaterthan.start_years(pairs)
     assert int(yy.min()) >= 2 and int(yy.max()) <= 98
     first = tok.decode(pairs.clean[0])
-    assert first.startswith("The ") and " lasted from the year " in first and " to the year " in first
+    assert first.startswith("The ") and " lasted from the year " in first
+    assert " to the year " in first
 
 
 def test_docstring_corruption_and_answers(tok):
@@ -385,7 +386,7 @@ def test_induction_redwood_runs_on_a_local_checkpoint(tmp_path, monkeypatch):
     metric = task.metrics[task.default_metric](pairs)
     acdc = Acdc(model, pairs, tau=task.default_tau, metric=metric, model_name=task.name)
     assert acdc.current_metric == 0.0 and len(acdc.graph.edges) == 257
-    steps = [step for _, step in zip(range(3), acdc.steps())]
+    steps = [step for _, step in zip(range(3), acdc.steps(), strict=False)]
     assert [s.edge for s in steps] == ["A1.7->Out", "A1.6->Out", "A1.5->Out"]
     with pytest.raises(SettingsError, match="test_mode"):
         Acdc(model, pairs, tau=task.default_tau, metric=metric, test_mode=True)

@@ -47,7 +47,8 @@ def blocks(text: str) -> list[Block]:
 def commands(code: str) -> list[str]:
     """The block's commands: continuation lines joined, blank and comment-only lines dropped."""
     joined = re.sub(r"\s*\\\n\s*", " ", code)
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def runnable(text: str) -> list[tuple[str, str, int]]:
@@ -59,7 +60,8 @@ def runnable(text: str) -> list[tuple[str, str, int]]:
         if block.language == "python":
             todo.append(("python", block.code, block.line))
         else:
-            todo.extend(("bash", c, block.line) for c in commands(block.code) if LONG_RUNNING not in c)
+            todo.extend(("bash", c, block.line) for c in commands(block.code)
+                        if LONG_RUNNING not in c)
     return todo
 
 
@@ -69,7 +71,8 @@ def test_the_parser_finds_the_marks():
             "```bash\nacdc-viz run --model DIR\n```\n\n```text\nnot a command\n```\n"
             "```python\nprint(1)\n```\n")
     assert [(lang, code) for lang, code, _ in runnable(text)] == [
-        ("bash", "acdc-viz tasks   # list"), ("bash", "acdc-viz run --out t.json"), ("python", "print(1)\n")]
+        ("bash", "acdc-viz tasks   # list"), ("bash", "acdc-viz run --out t.json"),
+        ("python", "print(1)\n")]
 
 
 @pytest.fixture
@@ -77,7 +80,8 @@ def shell(tmp_path):
     """A PATH where ``acdc-viz`` and ``python`` are this interpreter and this checkout."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, target in (("acdc-viz", f'"{sys.executable}" -m acdc_viz'), ("python", f'"{sys.executable}"')):
+    for name, target in (("acdc-viz", f'"{sys.executable}" -m acdc_viz'),
+                         ("python", f'"{sys.executable}"')):
         script = bin_dir / name
         script.write_text(f'#!/bin/sh\nexec {target} "$@"\n')
         script.chmod(0o755)
@@ -99,14 +103,15 @@ def test_every_readme_command_runs(shell):
                    "acdc-viz tasks"):
         assert any(code.startswith(needed) for code in ran), f"README runs no `{needed}`"
     for language, code, line in todo:
-        argv = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
-        result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600,
-                                check=False)
+        argv = (["bash", "-euo", "pipefail", "-c", code] if language == "bash"
+                else [sys.executable, "-c", code])
+        result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
+                                timeout=600, check=False)
         assert result.returncode == 0, (f"README.md line {line}: `{code.strip()}` exited with "
                                         f"{result.returncode}\nstdout:\n{result.stdout[-2000:]}\n"
                                         f"stderr:\n{result.stderr[-3000:]}")
-    assert (work / "trace.json").exists() and (work / "circuit.html").exists()   # the headless demo
-    assert (work / "run.json").exists()                                          # the Python example
+    assert (work / "trace.json").exists() and (work / "circuit.html").exists()  # headless demo
+    assert (work / "run.json").exists()                                         # Python example
 
 
 def test_every_long_running_command_is_a_known_kind():

@@ -1,4 +1,5 @@
-"""tracr-reverse and tracr-proportion: the conversion, the canonical circuit, and ACDC's AUC of 1.000."""
+"""tracr-reverse and tracr-proportion: the conversion, the canonical circuit, and ACDC's AUC of
+1.000."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def assert_matches_tracr(model, ref):
             assert ours_decoded == decoded
         else:
             values = torch.tensor([row[1:] for row in decoded], dtype=torch.float32)
-            torch.testing.assert_close(ours[:, 1:, 0], values.view(len(rows), -1), atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours[:, 1:, 0], values.view(len(rows), -1), atol=1e-5,
+                                       rtol=0)
         checked += len(rows)
     return checked
 
@@ -76,7 +78,8 @@ def test_converted_model_equals_tracr_on_every_input(models, name):
 
 
 def _build_script():
-    spec = importlib.util.spec_from_file_location("build_tracr", ROOT / "scripts" / "build_tracr.py")
+    spec = importlib.util.spec_from_file_location("build_tracr",
+                                                  ROOT / "scripts" / "build_tracr.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -85,7 +88,7 @@ def _build_script():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_converted_model_equals_tracr_run_now(models, name):
-    """With tracr installed (the dev extra): compile again, rerun tracr, rebuild the same weights."""
+    """With tracr installed (the dev extra): compile again, rerun tracr, rebuild the weights."""
     pytest.importorskip("tracr")
     build = _build_script()
     program, compiled = build.compile_program(name)
@@ -279,7 +282,7 @@ def test_make_pairs(name, distinct):
     assert (pairs.clean[:, 0] == bos).all() and (pairs.corrupt[:, 0] == bos).all()
     assert len({tuple(r) for r in pairs.clean.tolist()}) == distinct
     assert sorted(pairs.corrupt.tolist()) == sorted(pairs.clean.tolist())   # a permutation ...
-    assert not (pairs.clean == pairs.corrupt).all(1).any()                  # ... without fixed points
+    assert not (pairs.clean == pairs.corrupt).all(1).any()                  # ... no fixed points
     again = task.make_pairs(distinct, 3)
     assert torch.equal(again.clean, pairs.clean) and torch.equal(again.corrupt, pairs.corrupt)
     assert not torch.equal(task.make_pairs(distinct, 4).clean, pairs.clean)

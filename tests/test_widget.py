@@ -20,14 +20,15 @@ def click(ex, name):
 def test_controls_follow_the_contract(explorer):
     assert tuple(b.description for b in explorer.buttons.values()) == BUTTONS
     assert explorer.tau_slider.description == "tau" and explorer.tau_text.description == "tau"
-    assert "step 0 / 75" in explorer.status.value and "edges kept 75" in explorer.status.value
-    assert explorer.device.options[0] == "cpu"
+    status = explorer.status_label.value
+    assert "step 0 / 75" in status and "edges kept 75" in status
+    assert explorer.device_dropdown.options[0] == "cpu"
 
 
 def test_step_tests_exactly_one_edge(explorer):
     click(explorer, "Step")
     explorer.wait()
-    assert len(explorer.trace.steps) == 1 and "step 1 / 75" in explorer.status.value
+    assert len(explorer.trace.steps) == 1 and "step 1 / 75" in explorer.status_label.value
     click(explorer, "Step")
     explorer.wait()
     assert len(explorer.trace.steps) == 2
@@ -41,8 +42,9 @@ def test_run_then_pause_stops_after_the_current_step(explorer):
     assert 1 <= n < 75 and not explorer.running
     click(explorer, "Run")                    # continues
     explorer.wait()
-    assert explorer.acdc.done and explorer.buttons["Step"].disabled and explorer.buttons["Run"].disabled
-    assert "step 75 / 75" in explorer.status.value
+    assert explorer.acdc.done
+    assert explorer.buttons["Step"].disabled and explorer.buttons["Run"].disabled
+    assert "step 75 / 75" in explorer.status_label.value
 
 
 def test_run_twice_does_nothing_more(explorer):
@@ -68,9 +70,9 @@ def test_replay_shows_the_state_after_step_i(explorer):
     explorer.run()
     explorer.wait()
     explorer.replay.value = 10
-    assert "step 11 / 75" in explorer.status.value
+    assert "step 11 / 75" in explorer.status_label.value
     kept_after_10 = explorer.trace.steps[10].kept_edges
-    assert f"edges kept {kept_after_10}" in explorer.status.value
+    assert f"edges kept {kept_after_10}" in explorer.status_label.value
     assert len(explorer.trace.steps) == 75            # nothing recomputed or lost
 
 
@@ -96,17 +98,17 @@ def test_reset_returns_to_the_full_graph(explorer):
     explorer.step()
     explorer.wait()
     click(explorer, "Reset")
-    assert len(explorer.trace.steps) == 0 and "edges kept 75" in explorer.status.value
+    assert len(explorer.trace.steps) == 0 and "edges kept 75" in explorer.status_label.value
 
 
 def test_layout_and_positions_keep_the_trace(explorer):
     explorer.run()
     explorer.wait()
     trace = explorer.trace
-    explorer.layout.value = "spring"
-    explorer.positions.value = True
+    explorer.layout_dropdown.value = "spring"
+    explorer.positions_toggle.value = True
     assert explorer.trace.graph.n_positions == 6
-    explorer.positions.value = False
+    explorer.positions_toggle.value = False
     assert explorer.trace is trace
 
 
@@ -192,13 +194,14 @@ def test_sweep_fills_the_cache_and_the_tau_plot(explorer, gpt2):
     assert list(metric.y) == [t.final_metric for t in traces]
     assert len(explorer.trace.steps) == 0              # the open run (tau 1e-3) is not touched ...
 
-    kept._dispatch_on_click(Points(point_inds=[2], xs=[1e-2], ys=[kept.y[2]], trace_name="edges kept",
-                                   trace_index=1), None)
-    assert explorer.tau == 1e-2 and explorer.acdc.done and "from the sweep" in explorer.message.value
+    kept._dispatch_on_click(Points(point_inds=[2], xs=[1e-2], ys=[kept.y[2]],
+                                   trace_name="edges kept", trace_index=1), None)
+    assert explorer.tau == 1e-2 and explorer.acdc.done
+    assert "from the sweep" in explorer.message.value
     assert not explorer.running and explorer.buttons["Run"].disabled          # nothing to compute
     alone = Acdc(gpt2, explorer.pairs, tau=1e-2, model_name="tiny").run()
     assert explorer.trace.canonical_json() == alone.canonical_json()
-    assert "step 75 / 75" in explorer.status.value
+    assert "step 75 / 75" in explorer.status_label.value
     assert list(kept.marker.size) == [6, 6, 11]        # the open run is marked
 
     explorer.select_tau(1e-3)                          # ... until it is opened: then the sweep's
@@ -222,7 +225,8 @@ def test_cancel_stops_a_sweep_and_keeps_what_finished(explorer):
     explorer.wait_sweep()
     assert not explorer.sweeping and explorer.sweep_result.cancelled
     assert len(explorer.sweep_traces) < 12 and "cancelled" in explorer.sweep_status.value
-    assert not explorer.sweep_buttons["Sweep"].disabled and explorer.sweep_buttons["Cancel"].disabled
+    assert not explorer.sweep_buttons["Sweep"].disabled
+    assert explorer.sweep_buttons["Cancel"].disabled
 
 
 def test_bad_sweep_taus_are_flagged(explorer):

@@ -3,8 +3,8 @@
 The test starts JupyterLab on 127.0.0.1 (random free port, a token, every Jupyter config, data,
 settings and workspace directory in a temporary folder so that a user's own settings can't
 interfere), opens a copy of ``notebooks/01_quickstart.ipynb`` and runs all of it through the Run
-menu. The quickstart drives the Explorer from code too (it runs to the end), so the test then presses
-``Reset`` and works on a fresh run:
+menu. The quickstart drives the Explorer from code too (it runs to the end), so the test then
+presses ``Reset`` and works on a fresh run:
 
 0. The layout at 1280x800: nothing inside the widget's output scrolls, and the seq-graph is shown
    whole (checked at the start and the end, with JupyterLab's file browser open and closed).
@@ -57,7 +57,8 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs /usr/bin/chromium (apt-get install -y chromium; `make browser`)"),
+                       reason="needs /usr/bin/chromium (apt-get install -y chromium; "
+                              "`make browser`)"),
 ]
 
 CLI_SUMMARY = re.compile(r"edges kept (\d+) of (\d+)")
@@ -217,8 +218,10 @@ _SCROLLERS = """e => {
   const out = e.closest('.jp-OutputArea-output') || e;
   const scrolls = (x, axis) => {
     const cs = getComputedStyle(x);
-    const over = axis === 'x' ? x.scrollWidth > x.clientWidth + 1 : x.scrollHeight > x.clientHeight + 1;
-    return over && !['hidden', 'visible', 'clip'].includes(axis === 'x' ? cs.overflowX : cs.overflowY);
+    const over = axis === 'x' ? x.scrollWidth > x.clientWidth + 1
+                              : x.scrollHeight > x.clientHeight + 1;
+    const overflow = axis === 'x' ? cs.overflowX : cs.overflowY;
+    return over && !['hidden', 'visible', 'clip'].includes(overflow);
   };
   const found = [];
   for (const x of [out, ...out.querySelectorAll('*')]) {
@@ -250,7 +253,8 @@ def _new_tau(default: float) -> float:
 
 
 def test_quickstart_explorer_in_jupyterlab(lab: Lab, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[dev]')")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs playwright (pip install -e '.[dev]')")
     from acdc_viz.tasks import get_task
 
     tau = _new_tau(get_task("induction").default_tau)
@@ -260,7 +264,8 @@ def test_quickstart_explorer_in_jupyterlab(lab: Lab, tmp_path: Path) -> None:
     cli_cmd = ([acdc_viz_cli] if acdc_viz_cli else [sys.executable, "-m", "acdc_viz.cli"]) + [
         "run", "--task", "induction", "--tau", f"{tau:g}", "--out", str(cli_trace), "--quiet"]
     cli = subprocess.Popen(cli_cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                           start_new_session=True)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     try:
@@ -314,8 +319,9 @@ def _drive(nb: Notebook, tau: float) -> int:
               for name in ("Run", "Step", "Reset")}
     # the quickstart ran the Explorer to the end from code: back to the full graph
     button["Reset"].click()
-    status = nb.wait_until(lambda: (s := explorer_status(explorer)) and s[0] == 0 and s[1] == s[2] and s,
-                           30, "Reset to show step 0 and every edge kept")
+    status = nb.wait_until(
+        lambda: (s := explorer_status(explorer)) and s[0] == 0 and s[1] == s[2] and s,
+        30, "Reset to show step 0 and every edge kept")
     n_edges = status[1]
     _show_widget(nb, explorer)
     nb.wait_until(lambda: edge_paths(explorer), 10, "the seq-graph's edges to be drawn")
@@ -326,8 +332,10 @@ def _drive(nb: Notebook, tau: float) -> int:
     for k in (1, 2, 3):
         nb.wait_until(button["Step"].is_enabled, 30, f"Step to be enabled (before step {k})")
         button["Step"].click()
-        nb.wait_until(lambda k=k: (s := explorer_status(explorer)) and s[0] == k, 30, f"the status to show step {k}")
-    assert explorer.locator(".acdc-status").inner_text().replace("\xa0", " ").startswith(f"step 3 / {n_edges}")
+        nb.wait_until(lambda k=k: (s := explorer_status(explorer)) and s[0] == k, 30,
+                      f"the status to show step {k}")
+    status_text = explorer.locator(".acdc-status").inner_text().replace("\xa0", " ")
+    assert status_text.startswith(f"step 3 / {n_edges}")
     after = nb.wait_until(lambda: (d := edge_paths(explorer)) != before and d, 10,
                           "the seq-graph's edges to change after three steps")
     assert after != before
@@ -349,7 +357,8 @@ def _drive(nb: Notebook, tau: float) -> int:
     box.fill(f"{tau:g}")
     box.press("Enter")
     nb.wait_until(lambda: f"tau {tau:g}" in explorer.locator(".acdc-status").inner_text()
-                  and (s := explorer_status(explorer)) and s[0] == 0, 30, f"the widget to switch to tau {tau:g}")
+                  and (s := explorer_status(explorer)) and s[0] == 0, 30,
+                  f"the widget to switch to tau {tau:g}")
     assert not explorer.locator(".acdc-tau-text.acdc-invalid").count()
     nb.wait_until(button["Run"].is_enabled, 10, "Run to be enabled")
     button["Run"].click()

@@ -83,6 +83,7 @@ class LayerWeights:
     def mlp(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The MLP's output for the residual-stream input ``x`` (its LayerNorm included)."""
         assert self.ln2 is not None and self.W_in is not None and self.W_out is not None
+        assert self.b_in is not None and self.b_out is not None
         hidden = act(torch.addmm(self.b_in, self.ln2(x).flatten(0, -2), self.W_in))
         return torch.addmm(self.b_out, hidden, self.W_out).view(x.shape)
 
@@ -130,7 +131,7 @@ class TransformerWeights:
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """Per-head outputs (heads, batch, pos, d_model) from q, k, v of shape (batch, heads, pos, d_head)."""
+        """Per-head outputs (heads, batch, pos, d_model); q, k, v: (batch, heads, pos, d_head)."""
         w = self.layers[layer]
         z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=1.0 / w.attn_scale)
         return torch.einsum("bhpe,hed->hbpd", z, w.W_O)
@@ -149,14 +150,16 @@ class TransformerWeights:
             b_k = b_k + torch.einsum("pd,hde->hpe", self.W_pos_qk[kv_start:stop], w.W_K)
         return b_q, b_k, b_v
 
-    def qkv(self, layer: int, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, layer: int,
+            normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (batch, heads, pos, d_head) for all heads from one normalised input."""
         w = self.layers[layer]
         biases = self.qkv_biases(layer, 0, 0, normed.shape[1])
-        return tuple(  # type: ignore[return-value]
+        q, k, v = (
             torch.einsum("bpd,hde->bhpe", normed, W) + b[None]
-            for W, b in zip((w.W_Q, w.W_K, w.W_V), biases)
+            for W, b in zip((w.W_Q, w.W_K, w.W_V), biases, strict=True)
         )
+        return q, k, v
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         return self.ln_final(resid) @ self.W_U + self.b_U
@@ -171,7 +174,8 @@ class TransformerWeights:
                 resid = resid + w.mlp(resid, self.act)
         return self.unembed(resid)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TransformerWeights:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> TransformerWeights:
         """A copy on another device or in another float dtype."""
 
         def conv(obj: Any) -> Any:
@@ -183,9 +187,8 @@ class TransformerWeights:
                 return LayerWeights(**{k: conv(v) for k, v in vars(obj).items()})
             return obj
 
-        return TransformerWeights(**{
-            k: ([conv(x) for x in v] if k == "layers" else conv(v)) for k, v in vars(self).items()
-        })
+        fields = {k: conv(v) for k, v in vars(self).items() if k != "layers"}
+        return TransformerWeights(layers=[conv(x) for x in self.layers], **fields)
 
 
 def model_config(model: Any) -> Any:
@@ -193,14 +196,16 @@ def model_config(model: Any) -> Any:
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "n_layers"):
         raise ModelSupportError(
-            f"{type(model).__name__} has no TransformerLens config (model.cfg with n_layers, n_heads, ...). "
-            "acdc_viz runs on TransformerLens models: a TransformerLens 4 TransformerBridge "
-            "(TransformerBridge.boot_transformers(...)) or a TransformerLens 3 HookedTransformer."
+            f"{type(model).__name__} has no TransformerLens config (model.cfg with n_layers, "
+            "n_heads, ...). acdc_viz runs on TransformerLens models: a TransformerLens 4 "
+            "TransformerBridge (TransformerBridge.boot_transformers(...)) or a TransformerLens 3 "
+            "HookedTransformer."
         )
     return cfg
 
 
-def _norm(model: Any, sd: dict[str, torch.Tensor], prefix: str, kind: str | None, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _norm(model: Any, sd: dict[str, torch.Tensor], prefix: str, kind: str | None,
+          eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
     if kind is None:
         return _identity
     if kind.endswith("Pre"):
@@ -208,11 +213,13 @@ def _norm(model: Any, sd: dict[str, torch.Tensor], prefix: str, kind: str | None
     weight = sd.get(f"{prefix}.weight", sd.get(f"{prefix}.w"))
     bias = sd.get(f"{prefix}.bias", sd.get(f"{prefix}.b"))
     if weight is None:
-        raise ModelSupportError(f"could not find the {kind} weights of {prefix!r} in the model's state_dict")
+        raise ModelSupportError(f"could not find the {kind} weights of {prefix!r} in the model's "
+                                "state_dict")
     return Norm(kind, eps, weight, bias if kind == "LN" else None)
 
 
 def _check_supported(cfg: Any) -> None:
+    """Refuse a config with a feature the engine does not model, naming every one of them."""
     problems = []
     pos = getattr(cfg, "positional_embedding_type", "standard")
     if pos not in ("standard", None):
@@ -228,17 +235,20 @@ def _check_supported(cfg: Any) -> None:
     kv = getattr(cfg, "n_key_value_heads", None)
     if kv not in (None, cfg.n_heads):
         problems.append(f"grouped-query attention (n_key_value_heads={kv})")
-    if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0 or getattr(cfg, "output_logits_soft_cap", -1.0) > 0:
+    if (getattr(cfg, "attn_scores_soft_cap", -1.0) > 0
+            or getattr(cfg, "output_logits_soft_cap", -1.0) > 0):
         problems.append("logit soft-capping")
     if problems:
         raise ModelSupportError(
             "acdc_viz cannot give per-head access to this model yet: " + "; ".join(problems) + ". "
-            "Supported today: GPT-2-style decoder-only models (learned positions, LayerNorm/RMSNorm or "
-            "none, attention-only or with a plain MLP). Please open an issue naming the architecture."
+            "Supported today: GPT-2-style decoder-only models (learned positions, LayerNorm/"
+            "RMSNorm or none, attention-only or with a plain MLP). Please open an issue naming the "
+            "architecture."
         )
 
 
-def from_model(model: Any, check_tokens: torch.Tensor | None = None, *, atol: float = 1e-4) -> TransformerWeights:
+def from_model(model: Any, check_tokens: torch.Tensor | None = None, *,
+               atol: float = 1e-4) -> TransformerWeights:
     """Read a TransformerLens model's weights (4.x bridge or 3.x HookedTransformer).
 
     If ``check_tokens`` is given, our forward is compared with ``model(check_tokens)``, and a
@@ -265,7 +275,8 @@ def from_model(model: Any, check_tokens: torch.Tensor | None = None, *, atol: fl
                 W_in, b_in, W_out, b_out = model.W_in, model.b_in, model.W_out, model.b_out
             layers = []
             for layer in range(n_layers):
-                scale = base_scale * (layer + 1 if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) else 1)
+                by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+                scale = base_scale * (layer + 1 if by_layer else 1)
                 lw = LayerWeights(
                     ln1=_norm(model, sd, f"blocks.{layer}.ln1", kind, eps),
                     W_Q=W_Q[layer].detach().clone(), b_Q=b_Q[layer].detach().clone(),
@@ -277,17 +288,20 @@ def from_model(model: Any, check_tokens: torch.Tensor | None = None, *, atol: fl
                 if not attn_only:
                     lw.ln2 = _norm(model, sd, f"blocks.{layer}.ln2", kind, eps)
                     lw.W_in, lw.b_in = W_in[layer].detach().clone(), b_in[layer].detach().clone()
-                    lw.W_out, lw.b_out = W_out[layer].detach().clone(), b_out[layer].detach().clone()
+                    lw.W_out = W_out[layer].detach().clone()
+                    lw.b_out = b_out[layer].detach().clone()
                 layers.append(lw)
             pos = getattr(cfg, "positional_embedding_type", "standard")
             weights = TransformerWeights(
                 W_E=model.W_E.detach().clone(),
                 W_pos=model.W_pos.detach().clone() if pos == "standard" else None,
                 layers=layers,
-                ln_final=_norm(model, sd, "ln_final", getattr(cfg, "final_rms", False) and "RMS" or kind, eps),
+                ln_final=_norm(model, sd, "ln_final",
+                               getattr(cfg, "final_rms", False) and "RMS" or kind, eps),
                 W_U=model.W_U.detach().clone(),
                 b_U=(model.b_U.detach().clone() if getattr(model, "b_U", None) is not None
-                     else torch.zeros(model.W_U.shape[1], dtype=model.W_U.dtype, device=model.W_U.device)),
+                     else torch.zeros(model.W_U.shape[1], dtype=model.W_U.dtype,
+                                      device=model.W_U.device)),
                 act=_ACTIVATIONS.get(getattr(cfg, "act_fn", None) or "relu", F.relu),
                 causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
                 n_heads=n_heads,
@@ -297,8 +311,9 @@ def from_model(model: Any, check_tokens: torch.Tensor | None = None, *, atol: fl
             )
     except (AttributeError, NotImplementedError, KeyError, IndexError) as exc:
         raise ModelSupportError(
-            f"could not read the weights ACDC needs from {type(model).__name__}: {exc!r}. Expected the "
-            "TransformerLens weight surface (W_E, W_pos, W_Q/W_K/W_V/W_O with biases, W_in/W_out, W_U)."
+            f"could not read the weights ACDC needs from {type(model).__name__}: {exc!r}. Expected "
+            "the TransformerLens weight surface (W_E, W_pos, W_Q/W_K/W_V/W_O with biases, "
+            "W_in/W_out, W_U)."
         ) from exc
     if check_tokens is not None:
         verify(model, weights, check_tokens, atol=atol)
@@ -324,8 +339,9 @@ def eval_mode(model: Any) -> Iterator[Any]:
             m.training = flags[k]
 
 
-def verify(model: Any, weights: TransformerWeights, tokens: torch.Tensor, *, atol: float = 1e-4) -> float:
-    """Compare ``weights.forward`` with the model's own logits (dropout off); raise if they differ."""
+def verify(model: Any, weights: TransformerWeights, tokens: torch.Tensor, *,
+           atol: float = 1e-4) -> float:
+    """Compare ``weights.forward`` with the model's logits (dropout off); raise if they differ."""
     with torch.no_grad(), eval_mode(model):
         theirs = model(tokens.to(weights.device))
         theirs = getattr(theirs, "logits", theirs).to(weights.dtype)
@@ -334,10 +350,10 @@ def verify(model: Any, weights: TransformerWeights, tokens: torch.Tensor, *, ato
     scale = max(1.0, theirs.abs().max().item())
     if not err <= atol * scale:
         raise ModelSupportError(
-            f"acdc_viz's per-head view of this model does not reproduce its forward pass (max logit "
-            f"difference {err:.3g}, tolerance {atol * scale:.3g}). The architecture has a feature the "
-            "engine does not model; running ACDC on it would give wrong circuits. Please report the "
-            "model's config."
+            f"acdc_viz's per-head view of this model does not reproduce its forward pass (max "
+            f"logit difference {err:.3g}, tolerance {atol * scale:.3g}). The architecture has a "
+            "feature the engine does not model; running ACDC on it would give wrong circuits. "
+            "Please report the model's config."
         )
     return err
 

@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -136,6 +136,7 @@ def _load_directory(directory: Path, *, device: str | torch.device, dtype: torch
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
+    hf_model: Any
     try:
         # Eager attention: the bridge's attention hooks need the explicit pattern.
         hf_model = AutoModelForCausalLM.from_pretrained(
@@ -273,11 +274,11 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [
         OSError,  # includes ConnectionError, OfflineModeIsEnabled, LocalEntryNotFoundError
         ValueError,  # transformers: "... does not appear to have a file named ..."
-        errors.HTTPError,
         errors.EntryNotFoundError,
     ]
     # The HTTP client's own errors, for whichever client huggingface_hub has loaded (a client
-    # that was never imported cannot have raised anything).
+    # that was never imported cannot have raised anything). huggingface_hub.errors imports its
+    # client's HTTPError, so that one is always among them.
     for module in ("httpx2", "httpx", "requests"):
         lib = sys.modules.get(module)
         base = getattr(lib, "HTTPError", None) or getattr(lib, "RequestException", None)
@@ -287,6 +288,8 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load_from_hub(name: str, *, device: str | torch.device, dtype: torch.dtype) -> Any:
+    """A hub model as a TransformerBridge (a legacy TransformerLens checkpoint through
+    ``boot_tl_legacy``), from the local cache only when the hub is unreachable."""
     from transformer_lens.model_bridge import TransformerBridge
 
     legacy = _legacy_repo(name)
@@ -308,7 +311,9 @@ def _load_from_hub(name: str, *, device: str | torch.device, dtype: torch.dtype)
     try:
         with _hub_offline_mode(not reachable):
             if legacy is not None:
-                bridge = TransformerBridge.boot_tl_legacy(legacy, device=device, dtype=dtype)
+                # attached to the class when its sources load: invisible to the type checker
+                boot_tl_legacy = cast(Any, TransformerBridge).boot_tl_legacy
+                bridge = boot_tl_legacy(legacy, device=device, dtype=dtype)
             else:
                 bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
     except _hub_errors() as err:
@@ -318,7 +323,9 @@ def _load_from_hub(name: str, *, device: str | torch.device, dtype: torch.dtype)
     return bridge.eval()
 
 
-def _hub_failure_message(name: str, legacy: str | None, *, reachable: bool, err: Exception) -> str:
+def _hub_failure_message(name: str, legacy: str | None, *, reachable: bool,
+                         err: BaseException) -> str:
+    """Why a hub model could not be loaded, and what to do: check the name, or get it cached."""
     cause = describe(err)
     if not cause.endswith((".", "!", "?")):
         cause += "."

@@ -32,7 +32,8 @@ def all_tasks() -> dict[str, Task]:
 def get_task(name: str) -> Task:
     tasks = all_tasks()
     if name not in tasks:
-        raise TaskError(f"unknown task {name!r}: expected one of {sorted(tasks)} (see `acdc-viz tasks`)")
+        raise TaskError(f"unknown task {name!r}: expected one of {sorted(tasks)} "
+                        "(see `acdc-viz tasks`)")
     return tasks[name]
 
 

@@ -56,7 +56,8 @@ class Task:
     check_model: Callable[[Any], None] | None = None
     graph_shape: tuple[int, int, bool] | None = None
 
-    def prepare(self, device: str = "cpu", prompts: int | None = None, seed: int = 0) -> PreparedTask:
+    def prepare(self, device: str = "cpu", prompts: int | None = None,
+                seed: int = 0) -> PreparedTask:
         """Load the model, check it fits, and make ``prompts`` prompt pairs (default: the task's).
 
         The one set-up that the CLI, sweeps and the widget share.

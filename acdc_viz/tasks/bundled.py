@@ -13,7 +13,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -53,7 +53,8 @@ def bundled_meta(name: str, directory: Path = BUNDLED_DIR) -> dict[str, Any]:
     if not path.exists():
         raise BundledModelError(
             f"no bundled model named {name!r} (looked for {path}); bundled models: "
-            f"{bundled_names(directory) or 'none'}. Reinstall acdc_viz, or rebuild it with scripts/."
+            f"{bundled_names(directory) or 'none'}. Reinstall acdc_viz, or rebuild it with "
+            "scripts/."
         )
     try:
         return json.loads(path.read_text())
@@ -61,7 +62,8 @@ def bundled_meta(name: str, directory: Path = BUNDLED_DIR) -> dict[str, Any]:
         raise BundledModelError(f"{path} is corrupt ({exc}); reinstall acdc_viz") from exc
 
 
-def load_bundled(name: str, *, device: str | torch.device = "cpu", directory: Path = BUNDLED_DIR) -> Any:
+def load_bundled(name: str, *, device: str | torch.device = "cpu",
+                 directory: Path = BUNDLED_DIR) -> Any:
     """A bundled model as a TransformerLens 4 bridge, after checking its weights' hash."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -75,14 +77,17 @@ def load_bundled(name: str, *, device: str | torch.device = "cpu", directory: Pa
                                 "reinstall acdc_viz, or rebuild them with the script in scripts/")
     if sha256_of(weights) != meta["sha256"]:
         raise BundledModelError(
-            f"the weights of bundled model {name!r} ({weights}) do not match their recorded sha256: "
-            "the file is corrupt or was changed. Reinstall acdc_viz, or rebuild them with scripts/."
+            f"the weights of bundled model {name!r} ({weights}) do not match their recorded "
+            "sha256: the file is corrupt or was changed. Reinstall acdc_viz, or rebuild them with "
+            "scripts/."
         )
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise BundledModelError(f"could not read {weights}: {exc}") from exc
-    model = TransformerBridge.boot_native(TransformerBridgeConfig(**meta["config"]), device=device)
+    # boot_native is attached to the class when its sources load: invisible to the type checker
+    boot_native = cast(Any, TransformerBridge).boot_native
+    model = boot_native(TransformerBridgeConfig(**meta["config"]), device=device)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     model.eval()
     return model

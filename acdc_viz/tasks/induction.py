@@ -51,14 +51,14 @@ INDUCTION_THRESHOLD = 0.4
 
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "induction-attn-only-2l": {
-        "d_model": 64, "d_head": 16, "n_heads": 4, "n_layers": 2, "n_ctx": N_CTX, "d_vocab": D_VOCAB,
-        "attn_only": True, "normalization_type": None, "act_fn": "gelu", "seed": 0,
-        "model_name": "induction-attn-only-2l",
+        "d_model": 64, "d_head": 16, "n_heads": 4, "n_layers": 2, "n_ctx": N_CTX,
+        "d_vocab": D_VOCAB, "attn_only": True, "normalization_type": None, "act_fn": "gelu",
+        "seed": 0, "model_name": "induction-attn-only-2l",
     },
     "induction-gpt2-2l": {
-        "d_model": 64, "d_head": 16, "n_heads": 4, "n_layers": 2, "n_ctx": N_CTX, "d_vocab": D_VOCAB, "d_mlp": 256,
-        "attn_only": False, "normalization_type": "LN", "act_fn": "gelu", "seed": 0,
-        "model_name": "induction-gpt2-2l",
+        "d_model": 64, "d_head": 16, "n_heads": 4, "n_layers": 2, "n_ctx": N_CTX,
+        "d_vocab": D_VOCAB, "d_mlp": 256, "attn_only": False, "normalization_type": "LN",
+        "act_fn": "gelu", "seed": 0, "model_name": "induction-gpt2-2l",
     },
 }
 """``TransformerBridgeConfig`` keyword arguments of the two bundled models."""
@@ -99,7 +99,8 @@ def make_pairs(n: int, seed: int = 0, segment_len: int = SEGMENT_LEN) -> TokenPa
     if n > available:
         raise TaskError(
             f"asked for {n} induction prompts, but only {available} distinct ones exist with "
-            f"segments of {segment_len} distinct tokens out of {D_VOCAB - 1}; ask for at most {available}"
+            f"segments of {segment_len} distinct tokens out of {D_VOCAB - 1}; ask for at most "
+            f"{available}"
         )
     generator = torch.Generator().manual_seed(seed)
     rows: dict[tuple[int, ...], None] = {}
@@ -124,7 +125,8 @@ def repeated_positions(seq_len: int) -> range:
 
 def _segment_len(seq_len: int) -> int:
     if seq_len % 2 or seq_len < 4:
-        raise TaskError(f"induction prompts have an even length 2*L >= 4 (BOS, A, A[:-1]), got {seq_len}")
+        raise TaskError(f"induction prompts have an even length 2*L >= 4 (BOS, A, A[:-1]), got "
+                        f"{seq_len}")
     return seq_len // 2
 
 
@@ -159,7 +161,8 @@ def _kl_repeated(positions: torch.Tensor, circuit_logits: torch.Tensor,
 def nll_metric(pairs: TokenPairs) -> Metric:
     """Negative log-probability of the correct next token, averaged over the repeated half."""
     positions, targets = _targets(pairs)
-    return Metric("nll_repeated", partial(_nll_repeated, positions, targets), last_position_only=False)
+    return Metric("nll_repeated", partial(_nll_repeated, positions, targets),
+                  last_position_only=False)
 
 
 def kl_metric(pairs: TokenPairs) -> Metric:
@@ -188,7 +191,8 @@ def head_scores(model: Any, tokens: torch.Tensor) -> dict[str, list[list[float]]
     segment_len = _segment_len(seq_len)
     device = next(model.parameters()).device
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n.endswith("hook_pattern"))
+        _, cache = model.run_with_cache(tokens.to(device),
+                                        names_filter=lambda n: n.endswith("hook_pattern"))
     prev_rows = torch.arange(1, seq_len)
     ind_rows = torch.tensor(list(repeated_positions(seq_len)))
     prev, ind, cur = [], [], []
@@ -266,8 +270,9 @@ def circuit_metric(weights: Any, pairs: TokenPairs, kept: set[str] | None, metri
     positions = kept is not None and any("@" in e for e in kept)
     graph = CircuitGraph(weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
                          n_positions=pairs.seq_len if positions else None)
-    runner = CircuitRunner(weights, graph, pairs.clean.to(weights.device), pairs.corrupt.to(weights.device),
-                           ablation, last_position_only=metric.last_position_only)  # type: ignore[arg-type]
+    runner = CircuitRunner(weights, graph, pairs.clean.to(weights.device),
+                           pairs.corrupt.to(weights.device), ablation,
+                           last_position_only=metric.last_position_only)
     if kept is not None:
         unknown = sorted(set(kept) - set(graph.edge_index))
         if unknown:
@@ -282,10 +287,12 @@ def circuit_metric(weights: Any, pairs: TokenPairs, kept: set[str] | None, metri
 
 
 def _check_model(model_name: str, model: Any) -> None:
+    """Raise ``TaskError`` unless ``model`` has the shape of the bundled model the task uses."""
     cfg = getattr(model, "cfg", None)
     expected = MODEL_CONFIGS[model_name]
     if cfg is None:
-        raise TaskError(f"the induction task needs a TransformerLens model, got {type(model).__name__}")
+        raise TaskError(f"the induction task needs a TransformerLens model, got "
+                        f"{type(model).__name__}")
     wrong = [f"{key}={getattr(cfg, key, None)!r} (expected {expected[key]!r})"
              for key in ("d_vocab", "n_layers", "n_heads", "attn_only")
              if getattr(cfg, key, None) != expected[key]]
@@ -304,6 +311,7 @@ def _load(model_name: str, device: str = "cpu") -> Any:
 
 
 def _task(name: str, model_name: str, description: str, default_tau: float) -> Task:
+    """An induction task on one bundled model: the same prompts, metrics and circuit."""
     return Task(
         name=name,
         description=description,
@@ -326,7 +334,8 @@ TASKS: list[Task] = [
     _task("induction", "induction-attn-only-2l",
           "induction on a bundled 2-layer attention-only model (4 heads), offline", 0.1),
     _task("induction-gpt2", "induction-gpt2-2l",
-          "induction on a bundled 2-layer GPT-2-architecture model (LayerNorm, MLPs, 4 heads), offline",
+          "induction on a bundled 2-layer GPT-2-architecture model (LayerNorm, MLPs, 4 heads), "
+          "offline",
           0.1),
 ]
 

@@ -73,7 +73,8 @@ def load_checked(arch: Architecture, task: str, device: str) -> Any:
 def check_count(task: str, n: int, available: int, what: str) -> None:
     """``n`` distinct prompts must be at least one and at most ``available``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise TaskError(f"task {task!r}: the number of prompts must be a positive integer, got {n!r}")
+        raise TaskError(f"task {task!r}: the number of prompts must be a positive integer, "
+                        f"got {n!r}")
     if n > available:
         raise TaskError(
             f"task {task!r} can make at most {available} distinct prompts ({what}); {n} were "

@@ -71,7 +71,8 @@ def _prompt(method: str, def_args: list[str], doc_args: list[str], description: 
         f"def {method}(self, {', '.join(def_args)}):",
         f'    """{" ".join(description)}',
         "",
-        *(f"    :param {arg}: {' '.join(desc)}" for arg, desc in zip(doc_args, arg_descriptions)),
+        *(f"    :param {arg}: {' '.join(desc)}"
+          for arg, desc in zip(doc_args, arg_descriptions, strict=False)),
         "    :param",
     ]
     return "\n".join(lines)
@@ -155,7 +156,8 @@ def make_docstring_pairs(n: int, seed: int = 0, *, tokenizer: Any = None) -> Tok
     return pairs
 
 
-def _check_answers(pairs: TokenPairs, expected: list[tuple[str, list[str]]], tokenizer: Any) -> None:
+def _check_answers(pairs: TokenPairs, expected: list[tuple[str, list[str]]],
+                   tokenizer: Any) -> None:
     """The metric finds the answers from the tokens alone; make sure it finds the right ones."""
     correct, wrong = answers(pairs)
 

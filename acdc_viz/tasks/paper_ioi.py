@@ -185,7 +185,8 @@ def canonical_edges() -> set[str]:
     for cls, letters in READS_EMBED.items():
         edges.update(f"Embed->{h}.{x}" for h in _heads(cls) for x in letters)
     for writer, reader, letters in CLASS_EDGES:
-        edges.update(f"{w}->{r}.{x}" for w in _heads(writer) for r in _heads(reader) for x in letters)
+        edges.update(f"{w}->{r}.{x}"
+                     for w in _heads(writer) for r in _heads(reader) for x in letters)
     edges.update(f"{h}->Out" for cls in WRITES_OUT for h in _heads(cls))
     return edges
 

@@ -80,7 +80,8 @@ def all_inputs(name: str, seq_len: int) -> torch.Tensor:
     if not 1 <= seq_len <= build["max_seq_len"] + 1:
         raise TaskError(f"{name} takes inputs of 1 to {build['max_seq_len'] + 1} tokens (BOS "
                         f"included), not {seq_len}")
-    ids = [i for i, t in enumerate(build["tokens"]) if t not in (build["bos_token"], build["pad_token"])]
+    special = (build["bos_token"], build["pad_token"])
+    ids = [i for i, t in enumerate(build["tokens"]) if t not in special]
     bos = build["tokens"].index(build["bos_token"])
     rows = [[bos, *rest] for rest in itertools.product(ids, repeat=seq_len - 1)]
     return torch.tensor(rows, dtype=torch.int64)
@@ -112,7 +113,8 @@ def make_pairs(name: str, n: int, seed: int) -> TokenPairs:
         words = [t for t in build["tokens"] if t not in (build["bos_token"], build["pad_token"])]
         raise TaskError(
             f"{name} has only {len(inputs)} distinct inputs of {PROMPT_TOKENS} tokens (BOS and "
-            f"{PROMPT_TOKENS - 1} of {words}); asked for {n}. Ask for at most {len(inputs)} prompts."
+            f"{PROMPT_TOKENS - 1} of {words}); asked for {n}. Ask for at most {len(inputs)} "
+            "prompts."
         )
     generator = torch.Generator().manual_seed(seed)
     clean = inputs[torch.randperm(len(inputs), generator=generator)[:n]]
@@ -148,7 +150,8 @@ def check_model(name: str, model: Any) -> None:
     """Raise ``TaskError`` unless ``model`` has the shape of the bundled ``name`` model."""
     cfg = getattr(model, "cfg", None)
     if cfg is None:
-        raise TaskError(f"{name} needs a TransformerLens model (with .cfg), got {type(model).__name__}")
+        raise TaskError(f"{name} needs a TransformerLens model (with .cfg), got "
+                        f"{type(model).__name__}")
     expected = bundled_meta(name)["config"]
     wrong = [f"{k}={getattr(cfg, k, None)!r} (expected {expected[k]!r})"
              for k in _CHECKED if k in expected and getattr(cfg, k, None) != expected[k]]
@@ -202,7 +205,8 @@ class _ZeroAblation:
 
         graph = CircuitGraph(weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
                              n_positions=tokens.shape[1] if positions else None)
-        self.runner = CircuitRunner(weights, graph, tokens, tokens, "zero", last_position_only=False)
+        self.runner = CircuitRunner(weights, graph, tokens, tokens, "zero",
+                                    last_position_only=False)
         self.edges = [e.name for e in graph.edges]
         self._removed: set[str] = set()
 
@@ -226,7 +230,8 @@ class _ZeroAblation:
         joint = self.deviation(set(kept))
         if joint > EFFECT_TOL:
             raise TaskError(f"{what}: the edges that matter one by one do not suffice together "
-                            f"(deviation {joint:.3g}); some information flows along redundant paths")
+                            f"(deviation {joint:.3g}); some information flows along redundant "
+                            "paths")
         return kept, effects
 
 
@@ -273,6 +278,7 @@ def derive_circuit(model: Any, labels: list[str], tokens: torch.Tensor) -> Circu
 
 
 def _task(name: str, description: str, default_prompts: int) -> Task:
+    """A tracr task: its bundled model, every distinct input, and the L2 metric (paper)."""
     return Task(
         name=name,
         description=description,
