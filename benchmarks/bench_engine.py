@@ -34,7 +34,9 @@ def build_model(directory: str, device: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=1000, n_positions=64))
+    hf = GPT2LMHeadModel(
+        GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=1000, n_positions=64)
+    )
     hf.eval()
     hf.save_pretrained(directory)
     return TransformerBridge.boot_transformers(directory, hf_model=hf, device=device)
@@ -67,7 +69,9 @@ def count_flips(model, pairs, args) -> dict:
                          dtype=dtype, batch_hypotheses=args.k).run()
         runs[dtype] = (trace, time.perf_counter() - t0)
     (a, ta), (b, tb) = runs["float32"], runs["bfloat16"]
-    differ = [i for i, (x, y) in enumerate(zip(a.steps, b.steps)) if x.removed != y.removed]
+    differ = [
+        i for i, (x, y) in enumerate(zip(a.steps, b.steps, strict=False)) if x.removed != y.removed
+    ]
     kept_a, kept_b = set(a.final_kept_edges), set(b.final_kept_edges)
     return {
         "benchmark": "acdc_bf16_flips", "positions": args.positions, "edges": len(a.steps),

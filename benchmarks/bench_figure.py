@@ -1,4 +1,4 @@
-"""Seq-graph figure speed: build time and one step's in-place update (issue 4's benchmark; not a test).
+"""Seq-graph figure speed: build time and one in-place update per step (issue 4; not a test).
 
 Traces are fabricated (consistent, via Trace.record) for graphs of about 500, 2,000 and 10,000
 edges, half of the edges tested, about 70% of those removed. For each:
@@ -60,7 +60,9 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t
 
 
-def bench_shape(n_layers: int, n_heads: int, n_positions: int | None, repeats: int) -> dict[str, Any]:
+def bench_shape(
+    n_layers: int, n_heads: int, n_positions: int | None, repeats: int
+) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     from acdc_viz import figure, layout

@@ -51,7 +51,9 @@ def hf_gpt2(n_layer: int, n_head: int, d_model: int, vocab: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=d_model, vocab_size=vocab, n_positions=64)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_head=n_head, n_embd=d_model, vocab_size=vocab, n_positions=64
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -69,22 +71,41 @@ def weights_from_hf(hf) -> TransformerWeights:
         p = f"transformer.h.{i}."
         W_q, W_k, W_v = sd[p + "attn.c_attn.weight"].split(d, dim=1)
         b_q, b_k, b_v = sd[p + "attn.c_attn.bias"].split(d)
-        layers.append(LayerWeights(
-            ln1=Norm("LN", cfg.layer_norm_epsilon, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]),
-            W_Q=heads_in(W_q), b_Q=b_q.view(n_heads, d_head), W_K=heads_in(W_k), b_K=b_k.view(n_heads, d_head),
-            W_V=heads_in(W_v), b_V=b_v.view(n_heads, d_head),
-            W_O=sd[p + "attn.c_proj.weight"].view(n_heads, d_head, d), b_O=sd[p + "attn.c_proj.bias"],
-            attn_scale=d_head ** 0.5,
-            ln2=Norm("LN", cfg.layer_norm_epsilon, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
-            W_in=sd[p + "mlp.c_fc.weight"], b_in=sd[p + "mlp.c_fc.bias"],
-            W_out=sd[p + "mlp.c_proj.weight"], b_out=sd[p + "mlp.c_proj.bias"],
-        ))
+        layers.append(
+            LayerWeights(
+                ln1=Norm("LN", cfg.layer_norm_epsilon, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]),
+                W_Q=heads_in(W_q),
+                b_Q=b_q.view(n_heads, d_head),
+                W_K=heads_in(W_k),
+                b_K=b_k.view(n_heads, d_head),
+                W_V=heads_in(W_v),
+                b_V=b_v.view(n_heads, d_head),
+                W_O=sd[p + "attn.c_proj.weight"].view(n_heads, d_head, d),
+                b_O=sd[p + "attn.c_proj.bias"],
+                attn_scale=d_head**0.5,
+                ln2=Norm("LN", cfg.layer_norm_epsilon, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
+                W_in=sd[p + "mlp.c_fc.weight"],
+                b_in=sd[p + "mlp.c_fc.bias"],
+                W_out=sd[p + "mlp.c_proj.weight"],
+                b_out=sd[p + "mlp.c_proj.bias"],
+            )
+        )
     W_E = sd["transformer.wte.weight"]
     return TransformerWeights(
-        W_E=W_E, W_pos=sd["transformer.wpe.weight"], layers=layers,
-        ln_final=Norm("LN", cfg.layer_norm_epsilon, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]),
-        W_U=W_E.T.contiguous(), b_U=torch.zeros(W_E.shape[0]), act=lambda x: F.gelu(x, approximate="tanh"),
-        causal=True, n_heads=n_heads, attn_only=False, d_vocab=W_E.shape[0], n_ctx=cfg.n_positions,
+        W_E=W_E,
+        W_pos=sd["transformer.wpe.weight"],
+        layers=layers,
+        ln_final=Norm(
+            "LN", cfg.layer_norm_epsilon, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
+        ),
+        W_U=W_E.T.contiguous(),
+        b_U=torch.zeros(W_E.shape[0]),
+        act=lambda x: F.gelu(x, approximate="tanh"),
+        causal=True,
+        n_heads=n_heads,
+        attn_only=False,
+        d_vocab=W_E.shape[0],
+        n_ctx=cfg.n_positions,
     )
 
 
@@ -139,8 +160,12 @@ def project(acdc: Acdc, prefix: dict, segments: list[dict]) -> float:
     remaining edges times the interpolated seconds per edge of the sampled segments."""
     n_layers = acdc.weights.n_layers
     edges = acdc.graph.edges
-    points = sorted((dest_layer(edges[s["start"]], n_layers), s["seconds_per_edge"]) for s in segments)
-    points.append((dest_layer(edges[max(prefix["end"] - 1, 0)], n_layers), prefix["seconds_per_edge"]))
+    points = sorted(
+        (dest_layer(edges[s["start"]], n_layers), s["seconds_per_edge"]) for s in segments
+    )
+    points.append(
+        (dest_layer(edges[max(prefix["end"] - 1, 0)], n_layers), prefix["seconds_per_edge"])
+    )
     points.sort()
 
     def cost(layer: int) -> float:
@@ -162,14 +187,26 @@ def bench_mode(weights, pairs, args, positions: bool, forward_s: float, out: dic
     device = args.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    kw = {"tau": args.tau, "positions": positions, "device": device, "dtype": dtype, "batch_hypotheses": k}
+    kw = {
+        "tau": args.tau,
+        "positions": positions,
+        "device": device,
+        "dtype": dtype,
+        "batch_hypotheses": k,
+    }
     t0 = time.perf_counter()
     acdc = Acdc(weights, pairs, **kw)
     setup = time.perf_counter() - t0
     prefix = walk(acdc, 0, seconds or args.seconds, device)
     decisions = prefix.pop("decisions")
-    result = {"positions": positions, "dtype": str(dtype).removeprefix("torch."), "edges_total": acdc.n_edges,
-              "k": acdc.batch_hypotheses, "setup_seconds": round(setup, 2), "prefix": prefix}
+    result = {
+        "positions": positions,
+        "dtype": str(dtype).removeprefix("torch."),
+        "edges_total": acdc.n_edges,
+        "k": acdc.batch_hypotheses,
+        "setup_seconds": round(setup, 2),
+        "prefix": prefix,
+    }
     if prefix["complete"]:
         result["full_run_seconds"] = prefix["seconds"]
         result["kept_edges"] = acdc.kept_edges
@@ -178,9 +215,12 @@ def bench_mode(weights, pairs, args, positions: bool, forward_s: float, out: dic
         segments = []
         edges = acdc.graph.edges
         n_layers = weights.n_layers
-        for layer in sorted({round(x) for x in torch.linspace(n_layers - 2, 0, args.samples).tolist()},
-                            reverse=True):
-            start = next(i for i, e in enumerate(edges) if e.dest.kind in "qkv" and e.dest.layer == layer)
+        for layer in sorted(
+            {round(x) for x in torch.linspace(n_layers - 2, 0, args.samples).tolist()}, reverse=True
+        ):
+            start = next(
+                i for i, e in enumerate(edges) if e.dest.kind in "qkv" and e.dest.layer == layer
+            )
             if start < prefix["end"]:
                 continue
             seg = walk(Acdc(weights, pairs, **kw), start, args.segment_seconds, device)
@@ -190,7 +230,9 @@ def bench_mode(weights, pairs, args, positions: bool, forward_s: float, out: dic
         result["segments"] = segments
         result["projected_full_run_seconds"] = round(project(acdc, prefix, segments), 1)
     steps = acdc.trace.steps[prefix["start"]: prefix["end"]]
-    result["passes_prefix"] = sum(1 for st in steps if st.seconds > 0)    # a chain books its time on its first step
+    result["passes_prefix"] = sum(
+        1 for st in steps if st.seconds > 0
+    )  # a chain books its time on its first step
     result["mean_chain_length_prefix"] = round(len(steps) / max(result["passes_prefix"], 1), 1)
     result["decisions_prefix"] = decisions
     spe = [prefix["seconds_per_edge"]] + [s["seconds_per_edge"] for s in result.get("segments", [])]
@@ -209,17 +251,29 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tau", type=float, default=1e-3)
     parser.add_argument("--modes", default="plain,positions")
-    parser.add_argument("--seconds", type=float, default=150.0, help="cap of each real run from the start")
-    parser.add_argument("--positions-seconds", type=float, default=60.0, help="the same, position mode")
+    parser.add_argument(
+        "--seconds", type=float, default=150.0, help="cap of each real run from the start"
+    )
+    parser.add_argument(
+        "--positions-seconds", type=float, default=60.0, help="the same, position mode"
+    )
     parser.add_argument("--segment-seconds", type=float, default=20.0)
     parser.add_argument("--samples", type=int, default=4, help="sampled layers per mode")
     parser.add_argument("--k", type=int, default=None, help="hypotheses per pass (default: auto)")
-    parser.add_argument("--k1-seconds", type=float, default=15.0, help="also time K=1 this long (0: skip)")
-    parser.add_argument("--profile", type=int, default=0, help="profile the first N edges of a plain run")
+    parser.add_argument(
+        "--k1-seconds", type=float, default=15.0, help="also time K=1 this long (0: skip)"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="profile the first N edges of a plain run"
+    )
     parser.add_argument("--check-edges", type=int, default=3000,
                         help="compare the first N decisions with a K=1 run (0: skip)")
-    parser.add_argument("--flips", action="store_true", help="also run plain in bfloat16, count flips")
-    parser.add_argument("--tiny", action="store_true", help="2 layers, d 64: check the script quickly")
+    parser.add_argument(
+        "--flips", action="store_true", help="also run plain in bfloat16, count flips"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="2 layers, d 64: check the script quickly"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -240,11 +294,19 @@ def main() -> None:
         engine_fwd = time_call(lambda: weights.forward(dev_clean), dev)
     pairs = TokenPairs(clean, corrupt)
     report: dict = {
-        "benchmark": "acdc_gpu", "model": "gpt2-small shape, random (seed 0)" if not args.tiny else "tiny",
-        "prompts": list(clean.shape), "tau": args.tau, "device": dev,
-        "hf_forward_ms": round(hf_fwd * 1e3, 3), "engine_forward_ms": round(engine_fwd * 1e3, 3),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None},
+        "benchmark": "acdc_gpu",
+        "model": "gpt2-small shape, random (seed 0)" if not args.tiny else "tiny",
+        "prompts": list(clean.shape),
+        "tau": args.tau,
+        "device": dev,
+        "hf_forward_ms": round(hf_fwd * 1e3, 3),
+        "engine_forward_ms": round(engine_fwd * 1e3, 3),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None,
+        },
         "modes": {},
     }
 
@@ -263,17 +325,50 @@ def main() -> None:
         report["modes"][mode] = res
         emit()
         if args.check_edges > 0:
-            check = walk(Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev, batch_hypotheses=1),
-                         0, 1e9 if args.tiny else 60.0, dev, max_edges=args.check_edges)
+            check = walk(
+                Acdc(
+                    weights,
+                    pairs,
+                    tau=args.tau,
+                    positions=positions,
+                    device=dev,
+                    batch_hypotheses=1,
+                ),
+                0,
+                1e9 if args.tiny else 60.0,
+                dev,
+                max_edges=args.check_edges,
+            )
             n = min(check["edges"], len(decisions))
-            res["k1_check"] = {"edges": n, "seconds": check["seconds"],
-                               "decisions_differing": sum(a != b for a, b in zip(check.pop("decisions"), decisions[:n]))}
+            res["k1_check"] = {
+                "edges": n,
+                "seconds": check["seconds"],
+                "decisions_differing": sum(
+                    a != b for a, b in zip(check.pop("decisions"), decisions[:n], strict=False)
+                ),
+            }
             emit()
         if args.k1_seconds > 0 and res["k"] > 1:
-            start = next(i for i, e in enumerate(Acdc(weights, pairs, tau=args.tau, positions=positions,
-                                                      device=dev).graph.edges) if e.dest.kind in "qkv")
-            k1 = walk(Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev, batch_hypotheses=1),
-                      start, args.k1_seconds, dev)
+            start = next(
+                i
+                for i, e in enumerate(
+                    Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev).graph.edges
+                )
+                if e.dest.kind in "qkv"
+            )
+            k1 = walk(
+                Acdc(
+                    weights,
+                    pairs,
+                    tau=args.tau,
+                    positions=positions,
+                    device=dev,
+                    batch_hypotheses=1,
+                ),
+                start,
+                args.k1_seconds,
+                dev,
+            )
             del k1["decisions"]
             res["k1_top_heads_segment"] = k1
             emit()
@@ -282,9 +377,18 @@ def main() -> None:
             half_trace = half.pop("trace", None)
             half.pop("decisions_prefix", None)
             if half_trace is not None:
-                flips = sum(a.removed != b.removed for a, b in zip(trace.steps, half_trace.steps))
-                first = next((i for i, (a, b) in enumerate(zip(trace.steps, half_trace.steps))
-                              if a.removed != b.removed), None)
+                flips = sum(
+                    a.removed != b.removed
+                    for a, b in zip(trace.steps, half_trace.steps, strict=False)
+                )
+                first = next(
+                    (
+                        i
+                        for i, (a, b) in enumerate(zip(trace.steps, half_trace.steps, strict=False))
+                        if a.removed != b.removed
+                    ),
+                    None,
+                )
                 kept32, kept16 = set(trace.final_kept_edges), set(half_trace.final_kept_edges)
                 half["decisions_differing"] = flips
                 half["first_flip_step"] = first
@@ -297,7 +401,9 @@ def main() -> None:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
         with profile(activities=acts) as prof:
-            walk(Acdc(weights, pairs, tau=args.tau, device=dev), 0, 1e9, dev, max_edges=args.profile)
+            walk(
+                Acdc(weights, pairs, tau=args.tau, device=dev), 0, 1e9, dev, max_edges=args.profile
+            )
         key = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
         report["profile"] = prof.key_averages().table(sort_by=key, row_limit=15)
         emit()

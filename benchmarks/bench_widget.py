@@ -49,15 +49,29 @@ def main() -> None:
     widget_s = time.perf_counter() - t0
     n = len(explorer.trace.steps)
     assert steps_equal(bare.trace, explorer.trace), "the widget changed the run"
-    print(json.dumps({
-        "benchmark": "explorer_overhead", "task": task.name, "positions": args.positions,
-        "edges": n, "bare_seconds": round(bare_s, 3), "widget_seconds": round(widget_s, 3),
-        "bare_steps_per_second": round(n / bare_s, 1), "widget_steps_per_second": round(n / widget_s, 1),
-        "overhead_percent": round(100 * (widget_s / bare_s - 1), 1),
-        "redraws": explorer.redraws,
-        "ms_per_redraw": round(1e3 * explorer.redraw_seconds / max(1, explorer.redraws), 2),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "explorer_overhead",
+                "task": task.name,
+                "positions": args.positions,
+                "edges": n,
+                "bare_seconds": round(bare_s, 3),
+                "widget_seconds": round(widget_s, 3),
+                "bare_steps_per_second": round(n / bare_s, 1),
+                "widget_steps_per_second": round(n / widget_s, 1),
+                "overhead_percent": round(100 * (widget_s / bare_s - 1), 1),
+                "redraws": explorer.redraws,
+                "ms_per_redraw": round(1e3 * explorer.redraw_seconds / max(1, explorer.redraws), 2),
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "torch": torch.__version__,
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tiny models built locally (no hub): GPT-2 architecture bridges and native attention-only bridges."""
+"""Tiny models built locally (no hub): GPT-2 bridges and native attention-only bridges."""
 
 from __future__ import annotations
 
@@ -30,10 +30,19 @@ def native_bridge(*, normalization_type=None, attn_only=True, n_layers=2, n_head
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-    cfg = TransformerBridgeConfig(d_model=d_model, d_head=d_model // n_heads, n_layers=n_layers, n_ctx=16,
-                                  n_heads=n_heads, d_vocab=d_vocab, attn_only=attn_only,
-                                  normalization_type=normalization_type, seed=seed, act_fn="gelu",
-                                  attention_dir=attention_dir)
+    cfg = TransformerBridgeConfig(
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        n_layers=n_layers,
+        n_ctx=16,
+        n_heads=n_heads,
+        d_vocab=d_vocab,
+        attn_only=attn_only,
+        normalization_type=normalization_type,
+        seed=seed,
+        act_fn="gelu",
+        attention_dir=attention_dir,
+    )
     return TransformerBridge.boot_native(cfg)
 
 

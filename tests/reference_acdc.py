@@ -108,12 +108,14 @@ def _sources_before(
 def _destinations(n_layers: int, n_heads: int, attn_only: bool) -> list[tuple[str, list[str]]]:
     """(destination, its sources in visit order), destinations in visit order."""
     dests: list[tuple[str, list[str]]] = [("Out", _sources_before(n_layers, n_heads, attn_only))]
-    for l in reversed(range(n_layers)):
+    for layer in reversed(range(n_layers)):
         if not attn_only:
-            dests.append((f"MLP{l}", _sources_before(l, n_heads, attn_only, include_heads_of=l)))
+            dests.append(
+                (f"MLP{layer}", _sources_before(layer, n_heads, attn_only, include_heads_of=layer))
+            )
         for h in reversed(range(n_heads)):
             for x in "qkv":
-                dests.append((f"A{l}.{h}.{x}", _sources_before(l, n_heads, attn_only)))
+                dests.append((f"A{layer}.{h}.{x}", _sources_before(layer, n_heads, attn_only)))
     return dests
 
 
@@ -237,30 +239,30 @@ def _source_hooks(info: _Info, store: dict[str, torch.Tensor]) -> list:
         return x
 
     hooks.append(("blocks.0.hook_resid_pre", rec_embed))
-    for l in range(info.n_layers):
+    for layer in range(info.n_layers):
         if info.mode == "split":
 
-            def rec_result(x, hook, l=l):
+            def rec_result(x, hook, layer=layer):
                 for h in range(info.n_heads):
-                    store[f"A{l}.{h}"] = x[:, :, h, :].detach()
+                    store[f"A{layer}.{h}"] = x[:, :, h, :].detach()
                 return x
 
-            hooks.append((f"blocks.{l}.attn.hook_result", rec_result))
+            hooks.append((f"blocks.{layer}.attn.hook_result", rec_result))
         else:
 
-            def rec_z(x, hook, l=l):
+            def rec_z(x, hook, layer=layer):
                 for h in range(info.n_heads):
-                    store[f"A{l}.{h}"] = (x[:, :, h, :] @ info.W_O[l, h]).detach()
+                    store[f"A{layer}.{h}"] = (x[:, :, h, :] @ info.W_O[layer, h]).detach()
                 return x
 
-            hooks.append((f"blocks.{l}.attn.hook_z", rec_z))
+            hooks.append((f"blocks.{layer}.attn.hook_z", rec_z))
         if not info.attn_only:
 
-            def rec_mlp(x, hook, l=l):
-                store[f"MLP{l}"] = x.detach()
+            def rec_mlp(x, hook, layer=layer):
+                store[f"MLP{layer}"] = x.detach()
                 return x
 
-            hooks.append((f"blocks.{l}.hook_mlp_out", rec_mlp))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", rec_mlp))
     return hooks
 
 
@@ -298,18 +300,18 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
         # has no such hook, and its last block's hook_resid_post feeds only ln_final.
         hooks.append((info.out_hook, patch_out))
 
-    for l in range(info.n_layers):
-        if f"MLP{l}" in by_dest:
+    for layer in range(info.n_layers):
+        if f"MLP{layer}" in by_dest:
 
-            def patch_mlp(x, hook, es=by_dest[f"MLP{l}"]):
+            def patch_mlp(x, hook, es=by_dest[f"MLP{layer}"]):
                 return x + _correction(es, current, ablated, x)
 
-            hooks.append((f"blocks.{l}.hook_mlp_in", patch_mlp))
+            hooks.append((f"blocks.{layer}.hook_mlp_in", patch_mlp))
         for x_kind in "qkv":
             per_head = {
-                h: by_dest[f"A{l}.{h}.{x_kind}"]
+                h: by_dest[f"A{layer}.{h}.{x_kind}"]
                 for h in range(info.n_heads)
-                if f"A{l}.{h}.{x_kind}" in by_dest
+                if f"A{layer}.{h}.{x_kind}" in by_dest
             }
             if not per_head:
                 continue
@@ -323,11 +325,11 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
                         )
                     return out
 
-                # blocks.{l}.hook_q_input: TL 3's name, which TL 4 bridges keep as an alias.
-                hooks.append((f"blocks.{l}.hook_{x_kind}_input", patch_in))
+                # blocks.{layer}.hook_q_input: TL 3's name, which TL 4 bridges keep as an alias.
+                hooks.append((f"blocks.{layer}.hook_{x_kind}_input", patch_in))
             else:
                 W = {"q": info.W_Q, "k": info.W_K, "v": info.W_V}[x_kind][
-                    l
+                    layer
                 ]  # (head, d_model, d_head)
 
                 # x: (batch, pos, head, d_head), projection output incl. bias.
@@ -339,7 +341,7 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
                         out[:, :, h, :] = x[:, :, h, :] + c @ W[h]
                     return out
 
-                hooks.append((f"blocks.{l}.attn.hook_{x_kind}", patch_proj))
+                hooks.append((f"blocks.{layer}.attn.hook_{x_kind}", patch_proj))
     return hooks
 
 
