@@ -9,10 +9,8 @@ the end with ``run()``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,22 +19,24 @@ from typing import Any
 
 import torch
 
-from acdc_viz.data import TokenPairs
+from acdc_viz.data import TokenPairs, data_hash
 from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
 from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, from_model, model_config
 from acdc_viz.models.adapter import config_hash as hash_config
 from acdc_viz.patching import ABLATIONS, CircuitRunner
-from acdc_viz.runtime import display_name, model_device, package_versions
+from acdc_viz.runtime import (
+    display_name,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+    run_versions,
+)
 from acdc_viz.taus import check_tau
 from acdc_viz.trace import Step, Trace
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
-
 
 APPROXIMATE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HYPOTHESES = 256          # the most hypotheses per pass that automatic K uses on a GPU
@@ -49,40 +49,6 @@ class ApproximateWarning(UserWarning):
 
 class DecisionMismatch(AcdcVizError, AssertionError):
     """``test_mode`` found the fast engine and the hooked slow path disagreeing."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SettingsError(f"device {str(device)!r} was asked for, but CUDA is not available "
-                            "here; use 'cpu'")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise SettingsError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def _versions() -> dict[str, str]:
-    """The versions a trace records: Python, acdc_viz, torch and TransformerLens."""
-    versions = {"python": platform.python_version()}
-    versions.update({p: v or "unknown" for p, v in package_versions().items()})
-    return versions
-
-
-def data_hash(pairs: TokenPairs) -> str:
-    """A short hash of the prompt pairs: a resumed run must have the same."""
-    digest = hashlib.sha256()
-    for tokens in (pairs.clean, pairs.corrupt):
-        digest.update(str(tuple(tokens.shape)).encode())
-        digest.update(tokens.to("cpu", torch.int64).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -227,7 +193,7 @@ class Acdc:
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "approximate": self.dtype in APPROXIMATE_DTYPES,
                 "batch_size": pairs.batch_size, "seq_len": pairs.seq_len,
-                "data_hash": data_hash(pairs), "versions": _versions(),
+                "data_hash": data_hash(pairs), "versions": run_versions(),
             },
             graph=self.graph, steps=[], initial_metric=initial, status="stopped", tokens=tokens,
         )

@@ -14,6 +14,7 @@ rather than a traceback from deep inside ``json`` or ``safetensors``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -32,6 +33,7 @@ __all__ = [
     "ACCEPTED_SUFFIXES",
     "DataError",
     "TokenPairs",
+    "data_hash",
     "load_token_pairs",
     "random_token_pairs",
     "save_token_pairs",
@@ -393,3 +395,12 @@ def save_token_pairs(pairs: TokenPairs, path: str | Path) -> Path:
         torch.save({"clean": clean, "corrupt": corrupt}, path)
     logger.debug("saved %d token pairs to %s", pairs.batch_size, path)
     return path
+
+
+def data_hash(pairs: TokenPairs) -> str:
+    """A short hash of the prompt pairs: a resumed run must have the same."""
+    digest = hashlib.sha256()
+    for tokens in (pairs.clean, pairs.corrupt):
+        digest.update(str(tuple(tokens.shape)).encode())
+        digest.update(tokens.to("cpu", torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]

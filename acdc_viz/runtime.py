@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from acdc_viz.errors import SettingsError
+
 
 def package_version(package: str) -> str | None:
     """The installed version of ``package`` (``acdc_viz`` or ``acdc-viz``), or None."""
@@ -69,3 +71,34 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: CUDA when available for None; an error for CUDA without it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"device {str(device)!r} was asked for, but CUDA is not available "
+                            "here; use 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (``"float32"``, ``"bfloat16"``, ...) or itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SettingsError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def run_versions() -> dict[str, str]:
+    """The versions a trace records: Python, acdc_viz, torch and TransformerLens."""
+    versions = {"python": platform.python_version()}
+    versions.update({p: v or "unknown" for p, v in package_versions().items()})
+    return versions

@@ -37,14 +37,21 @@ from typing import Any, Protocol
 
 import torch
 
-from acdc_viz.acdc import Acdc, data_hash, resolve_device, resolve_dtype
-from acdc_viz.data import TokenPairs
+from acdc_viz.acdc import Acdc
+from acdc_viz.data import TokenPairs, data_hash
 from acdc_viz.errors import AcdcVizError, DataError, ModelSupportError, SettingsError, describe
 from acdc_viz.files import write_json_atomic
 from acdc_viz.metrics import Metric, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
 from acdc_viz.patching import ABLATIONS
-from acdc_viz.runtime import display_name, machine_info, model_device, torch_threads
+from acdc_viz.runtime import (
+    display_name,
+    machine_info,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+    torch_threads,
+)
 from acdc_viz.tasks.base import PreparedTask
 from acdc_viz.taus import check_tau, parse_taus
 from acdc_viz.trace import Trace, TraceError, load_trace, save_trace

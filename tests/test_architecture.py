@@ -61,3 +61,15 @@ def test_no_plotly_below_the_figure_and_no_ipywidgets_below_the_widget() -> None
             assert "plotly" not in heavy, name
         if top not in WIDGETS:
             assert "ipywidgets" not in heavy, name
+
+
+def test_every_long_function_says_what_it_is_for() -> None:
+    """House rule: a function of 15 lines or more carries a docstring (one or two lines do)."""
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                long = (node.end_lineno or node.lineno) - node.lineno + 1 >= 15
+                if long and ast.get_docstring(node) is None:
+                    missing.append(f"{_module_name(path)}.{node.name}")
+    assert missing == []
