@@ -53,7 +53,7 @@ from typing import Literal
 
 import torch
 
-from acdc_viz.errors import SettingsError
+from acdc_viz.errors import ModelSupportError, SettingsError
 from acdc_viz.forward_pass import STAGE_ORDER, PassRunner, PassState, Stage, full_run, stage_of
 from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.models.adapter import TransformerWeights
@@ -96,6 +96,26 @@ class CircuitRunner:
         of removed edges."""
         if ablation not in ABLATIONS:
             raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
+        # The partial passes (forward_pass, pass_inputs) do not rotate q/k, share key/value
+        # heads, feed a parallel MLP the block's input or mirror HF's float32 attention yet:
+        # refuse rather than run wrong or approximately.
+        # (Gated MLPs, zero biases, embedding scales and norm variants live inside the weights'
+        # own callables and are exact.)
+        pending = [feature for feature, present in (
+            ("rotary embeddings", weights.rotary is not None),
+            (f"grouped-query attention ({weights.n_kv_heads} key/value heads for "
+             f"{weights.n_heads} query heads)", weights.kv_group is not None),
+            ("parallel attention and MLP blocks", weights.parallel and not weights.attn_only),
+            ("attention scores or softmax in float32 (as Hugging Face computes them)",
+             weights.softmax_dtype is not None or weights.scores_dtype is not None),
+        ) if present]
+        if pending:
+            raise ModelSupportError(
+                "acdc_viz's adapter reads this model exactly, but the ACDC engine's support for "
+                + ", ".join(pending) + " is the next step of issue 13 (its partial forward "
+                "passes do not apply them yet, so a circuit found now would be wrong). "
+                "Models without these features (GPT-2 style, with or without gated MLPs) run today."
+            )
         self.weights = weights
         self.graph = graph
         self.last_position_only = last_position_only

@@ -110,3 +110,18 @@ def shortformer_checkpoint(directory, *, n_layers=2, n_heads=4, d_model=16, d_he
     torch.save(sd, directory / "final.pth")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory, sd, config
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """``family(name)``: the tiny model of ``tests/model_families.py``, built once a session."""
+    from model_families import FAMILIES
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = FAMILIES[name](tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get

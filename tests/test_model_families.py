@@ -15,7 +15,6 @@ from model_families import (
     N_HEADS,
     N_KV,
     VOCAB,
-    FamilyModel,
     build_llama,
     reload_hf,
 )
@@ -33,20 +32,6 @@ BROKEN = {name: pytest.mark.xfail(strict=True, raises=exc, reason=reason)
           for name, (exc, reason) in KNOWN_BROKEN.items()}
 
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-_BUILT: dict[str, FamilyModel] = {}
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    def get(name: str) -> FamilyModel:
-        if name not in _BUILT:
-            _BUILT[name] = FAMILIES[name](tmp_path_factory.mktemp(name))
-        return _BUILT[name]
-
-    yield get
-    _BUILT.clear()
-
-
 def _params(names):
     return [pytest.param(n, marks=BROKEN[n]) if n in BROKEN else n for n in names]
 

@@ -13,6 +13,17 @@ Supported: learned (or no) positional embeddings, LayerNorm / RMSNorm (with or w
 or none, the usual MLP activations, causal or bidirectional attention, attention-only models.
 Shortformer positions (``TransformerWeights.W_pos_qk``) too, but no TransformerLens 4 bridge
 runs them: ``acdc_viz.models.shortformer`` reads such checkpoints itself.
+
+Through a TransformerLens 4 bridge of a Hugging Face model (issue 13, see
+``docs/model-families.md``) also: rotary embeddings (full or partial, half-split or GPT-J's
+interleaved pairs, rope scaling default/linear/dynamic/llama3/yarn; ``acdc_viz.models.rotary``),
+grouped- and multi-query attention (keys and values stored per KV group, ``kv_group``), gated
+MLPs, parallel attention + MLP blocks (one or two norms), missing biases (zeros), unembedding
+biases, Gemma's ``1 + w`` RMSNorm and embedding scale, OLMo's parameter-free LayerNorm. Where
+Hugging Face computes in float32 inside a float64 model (RMSNorm, OLMo's LayerNorm, the eager
+softmax, GPT-J's attention scores, rotary angles), we do the same, so that the logits agree to
+~1e-15 (0 for most families) rather than ~1e-7. Everything else those families can have
+(sandwich norms, q/k norms, soft caps, sliding windows, ALiBi, ...) is refused by name.
 """
 
 from __future__ import annotations
@@ -21,23 +32,21 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from acdc_viz.errors import ModelSupportError
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-_NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
+from acdc_viz.models.rotary import Rotary, rotary_from_model
+from acdc_viz.models.support import (
+    ACTIVATIONS,
+    check_supported,
+    hf_activation,
+    hf_model,
+    submodule,
+)
 
 
 @dataclass
@@ -48,12 +57,36 @@ class Norm:
     eps: float
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    offset: float = 0.0
+    """The weight acts as ``offset + weight`` (Gemma's RMSNorm: 1 + w)."""
+    upcast: str = ""
+    """Hugging Face's float32 islands: "" computes in the input's dtype; "normed" normalises in
+    float32 and casts back before the weight (Llama's RMSNorm, OLMo's LayerNorm); "all" applies
+    the weight in float32 too and casts last (Gemma's RMSNorm)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast or self.offset:
+            return self._hf_style(x)
         if self.kind.startswith("LN"):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x if self.weight is None else x * self.weight
+
+    def _hf_style(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm with Hugging Face's order of casts (``upcast``) and ``offset``."""
+        work = x.float() if self.upcast else x
+        if self.kind.startswith("LN"):
+            normed = F.layer_norm(work, x.shape[-1:], None, None, self.eps)
+        else:
+            normed = work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + self.eps)
+        in_float32 = self.upcast == "all"
+        out = normed if in_float32 else normed.to(x.dtype)
+        if self.weight is not None:
+            weight = self.weight.float() if in_float32 else self.weight
+            out = out * (self.offset + weight if self.offset else weight)
+        if self.bias is not None:
+            out = out + (self.bias.float() if in_float32 else self.bias)
+        return out.to(x.dtype)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +95,10 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerWeights:
-    """One block. Attention weights per head: ``W_Q`` is (heads, d_model, d_head)."""
+    """One block. Attention weights per head: ``W_Q`` is (heads, d_model, d_head); ``W_K``,
+    ``W_V``, ``b_K`` and ``b_V`` are per key/value head (fewer than the query heads under
+    grouped-query attention, see ``TransformerWeights.kv_group``). With a gated MLP, ``W_gate``
+    is the activated branch and ``W_in`` the linear one."""
 
     ln1: Callable[[torch.Tensor], torch.Tensor]
     W_Q: torch.Tensor
@@ -79,12 +115,20 @@ class LayerWeights:
     b_in: torch.Tensor | None = None
     W_out: torch.Tensor | None = None
     b_out: torch.Tensor | None = None
+    W_gate: torch.Tensor | None = None
+    b_gate: torch.Tensor | None = None
 
     def mlp(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The MLP's output for the residual-stream input ``x`` (its LayerNorm included)."""
         assert self.ln2 is not None and self.W_in is not None and self.W_out is not None
         assert self.b_in is not None and self.b_out is not None
-        hidden = act(torch.addmm(self.b_in, self.ln2(x).flatten(0, -2), self.W_in))
+        normed = self.ln2(x).flatten(0, -2)
+        if self.W_gate is None:
+            hidden = act(torch.addmm(self.b_in, normed, self.W_in))
+        else:
+            gate = (normed @ self.W_gate if self.b_gate is None
+                    else torch.addmm(self.b_gate, normed, self.W_gate))
+            hidden = act(gate) * torch.addmm(self.b_in, normed, self.W_in)
         return torch.addmm(self.b_out, hidden, self.W_out).view(x.shape)
 
 
@@ -109,10 +153,31 @@ class TransformerWeights:
     embedding adds them to each layer's query and key inputs *after* ``ln1``, never to the stream
     or the values (``W_pos`` is then None). ACDC's corrections act on the stream before ``ln1``,
     so the positions are no source: they are never ablated."""
+    rotary: Rotary | None = None
+    """Rotary embeddings of q and k (after their projection and bias), or None."""
+    kv_group: tuple[int, ...] | None = None
+    """Grouped- or multi-query attention: the key/value head each query head reads; None when
+    every query head has its own."""
+    parallel: bool = False
+    """Attention and MLP both read the block's input stream (GPT-NeoX, Phi, GPT-J, Falcon); the
+    MLP's ``ln2`` is then its own norm (GPT-NeoX) or the same as ``ln1``."""
+    embed_scale: float | None = None
+    """The token embedding is multiplied by this, in the weights' dtype (Gemma: sqrt(d_model))."""
+    softmax_dtype: torch.dtype | None = None
+    """The dtype of the attention softmax when it differs from the weights' (Hugging Face's eager
+    attention: float32, cast back after); None: the weights' dtype."""
+    scores_dtype: torch.dtype | None = None
+    """The dtype of q, k and the scaled scores when it differs from the weights' (GPT-J:
+    float32); None: the weights' dtype."""
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads per layer (``n_heads`` unless grouped- or multi-query)."""
+        return self.n_heads if self.kv_group is None else max(self.kv_group) + 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,17 +189,46 @@ class TransformerWeights:
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.W_E[tokens]
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
         return x
 
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """Keys or values (batch, kv heads, pos, d_head) repeated for each query head."""
+        if self.kv_group is None:
+            return t
+        return t.index_select(1, torch.tensor(self.kv_group, device=t.device))
+
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """Per-head outputs (heads, batch, pos, d_model); q, k, v: (batch, heads, pos, d_head)."""
+        """Per-head outputs (heads, batch, pos, d_model); q: (batch, heads, pos, d_head), k and v
+        (batch, kv heads, pos, d_head), all rotated already."""
         w = self.layers[layer]
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=1.0 / w.attn_scale)
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        if self.softmax_dtype is None and self.scores_dtype is None:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                               scale=1.0 / w.attn_scale)
+        else:
+            z = self._eager_attention(q, k, v, 1.0 / w.attn_scale)
         return torch.einsum("bhpe,hed->hbpd", z, w.W_O)
+
+    def _eager_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """Attention as Hugging Face's eager code computes it, with its float32 steps."""
+        if self.scores_dtype is not None:
+            q32, k32 = q.to(self.scores_dtype), k.to(self.scores_dtype)
+            scores = (torch.matmul(q32, k32.transpose(-1, -2)) * scale).to(q.dtype)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if self.causal:
+            n_q, n_k = scores.shape[-2:]
+            visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        pattern = torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(v.dtype)
+        return torch.matmul(pattern, v)
 
     def qkv_biases(self, layer: int, q_start: int, kv_start: int,
                    stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,13 +246,16 @@ class TransformerWeights:
 
     def qkv(self, layer: int,
             normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (batch, heads, pos, d_head) for all heads from one normalised input."""
+        """q (batch, heads, pos, d_head), k and v (batch, kv heads, pos, d_head) from one
+        normalised input, q and k rotated when the model has rotary embeddings."""
         w = self.layers[layer]
         biases = self.qkv_biases(layer, 0, 0, normed.shape[1])
         q, k, v = (
             torch.einsum("bpd,hde->bhpe", normed, W) + b[None]
             for W, b in zip((w.W_Q, w.W_K, w.W_V), biases, strict=True)
         )
+        if self.rotary is not None:
+            q, k = self.rotary.rotate(q), self.rotary.rotate(k)
         return q, k, v
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
@@ -169,6 +266,9 @@ class TransformerWeights:
         resid = self.embed(tokens)
         for layer, w in enumerate(self.layers):
             heads = self.attention(layer, *self.qkv(layer, w.ln1(resid)))
+            if self.parallel and not self.attn_only:
+                resid = resid + heads.sum(0) + w.b_O + w.mlp(resid, self.act)
+                continue
             resid = resid + heads.sum(0) + w.b_O
             if not self.attn_only:
                 resid = resid + w.mlp(resid, self.act)
@@ -182,9 +282,11 @@ class TransformerWeights:
             if isinstance(obj, torch.Tensor):
                 return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
             if isinstance(obj, Norm):
-                return Norm(obj.kind, obj.eps, conv(obj.weight), conv(obj.bias))
+                return replace(obj, weight=conv(obj.weight), bias=conv(obj.bias))
             if isinstance(obj, LayerWeights):
                 return LayerWeights(**{k: conv(v) for k, v in vars(obj).items()})
+            if isinstance(obj, Rotary):
+                return obj.to(device)
             return obj
 
         fields = {k: conv(v) for k, v in vars(self).items() if k != "layers"}
@@ -218,97 +320,171 @@ def _norm(model: Any, sd: dict[str, torch.Tensor], prefix: str, kind: str | None
     return Norm(kind, eps, weight, bias if kind == "LN" else None)
 
 
-def _check_supported(cfg: Any) -> None:
-    """Refuse a config with a feature the engine does not model, naming every one of them."""
-    problems = []
+def _bridge_norm(model: Any, sd: dict[str, torch.Tensor], prefix: str, kind: str | None,
+                 eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm at ``prefix`` of a bridge, computed as the Hugging Face module it wraps does."""
+    module = getattr(submodule(model, prefix), "original_component", None)
+    name = type(module).__name__
+    weight = sd.get(f"{prefix}.weight")
+    if name == "OlmoLayerNorm":                      # no parameters, float32, eps fixed
+        return Norm("LN", 1e-5, upcast="normed")
+    if name.endswith("RMSNorm") and weight is not None:
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", eps)))
+        if name.startswith("Gemma"):
+            return Norm("RMS", eps, weight, offset=1.0, upcast="all")
+        return Norm("RMS", eps, weight, upcast="normed")
+    if isinstance(module, torch.nn.LayerNorm):
+        eps = float(module.eps)
+        if weight is None:
+            return Norm("LN", eps)
+        return _norm(model, sd, prefix, "LN", eps)
+    return _norm(model, sd, prefix, kind, eps)
+
+
+def _stacked(model: Any, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``model.<name>`` (a bias stacked over layers), or zeros of ``shape`` where the model has
+    none (TransformerLens 4 raises AttributeError for a bias-free projection)."""
+    try:
+        value = getattr(model, name)
+    except AttributeError:
+        value = None
+    if value is None:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return value
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def _read_layer(model: Any, cfg: Any, sd: dict[str, torch.Tensor], layer: int,
+                tensors: dict[str, torch.Tensor], scale: float, parallel: bool) -> LayerWeights:
+    """One block's weights; ``tensors`` holds the stacked weight surface."""
+    kind, eps = cfg.normalization_type, float(getattr(cfg, "eps", 1e-5))
+    read_norm = _bridge_norm if hf_model(model) is not None else _norm
+    prefix = f"blocks.{layer}"
+    t = {k: _clone(v[layer]) for k, v in tensors.items()}
+    lw = LayerWeights(
+        ln1=read_norm(model, sd, f"{prefix}.ln1", kind, eps),
+        W_Q=t["W_Q"], b_Q=t["b_Q"], W_K=t["W_K"], b_K=t["b_K"], W_V=t["W_V"], b_V=t["b_V"],
+        W_O=t["W_O"], b_O=t["b_O"], attn_scale=scale,
+    )
+    if "W_in" not in tensors:
+        return lw
+    own_ln2 = (submodule(model, f"{prefix}.ln2") is not None or f"{prefix}.ln2.weight" in sd
+               or f"{prefix}.ln2.w" in sd or not parallel or kind is None)
+    lw.ln2 = read_norm(model, sd, f"{prefix}.ln2", kind, eps) if own_ln2 else lw.ln1
+    lw.W_in, lw.b_in, lw.W_out, lw.b_out = t["W_in"], t["b_in"], t["W_out"], t["b_out"]
+    if "W_gate" in t:
+        lw.W_gate = t["W_gate"]
+        gate_bias = sd.get(f"{prefix}.mlp.gate.bias")
+        lw.b_gate = None if gate_bias is None else _clone(gate_bias)
+    return lw
+
+
+def _weight_surface(model: Any, attn_only: bool) -> dict[str, torch.Tensor]:
+    """The stacked weights (W_Q ... b_out, W_gate), with zeros for missing biases."""
+    W_Q, W_K, W_O = model.W_Q, model.W_K, model.W_O
+    t = {"W_Q": W_Q, "W_K": W_K, "W_V": model.W_V, "W_O": W_O,
+         "b_Q": _stacked(model, "b_Q", (*W_Q.shape[:2], W_Q.shape[-1]), W_Q),
+         "b_K": _stacked(model, "b_K", (*W_K.shape[:2], W_K.shape[-1]), W_K),
+         "b_V": _stacked(model, "b_V", (*W_K.shape[:2], W_K.shape[-1]), W_K),
+         "b_O": _stacked(model, "b_O", (W_O.shape[0], W_O.shape[-1]), W_O)}
+    if not attn_only:
+        W_in, W_out = model.W_in, model.W_out
+        t |= {"W_in": W_in, "W_out": W_out,
+              "b_in": _stacked(model, "b_in", (W_in.shape[0], W_in.shape[-1]), W_in),
+              "b_out": _stacked(model, "b_out", (W_out.shape[0], W_out.shape[-1]), W_out)}
+        try:
+            gate = getattr(model, "W_gate", None)
+        except AttributeError:
+            gate = None
+        if gate is not None:
+            t["W_gate"] = gate
+    return t
+
+
+def _kv_group(n_heads: int, n_kv: int) -> tuple[int, ...] | None:
+    """The KV head of each query head (TransformerLens' and HF's ``repeat_interleave``)."""
+    if n_kv == n_heads:
+        return None
+    if n_kv < 1 or n_heads % n_kv:
+        raise ModelSupportError(f"{n_heads} query heads cannot share {n_kv} key/value heads")
+    return tuple(h // (n_heads // n_kv) for h in range(n_heads))
+
+
+def _read_weights(model: Any, cfg: Any) -> TransformerWeights:
+    """Everything ``from_model`` reads, once ``_check_supported`` has passed."""
+    hf = hf_model(model)
+    sd = model.state_dict()
+    attn_only = bool(getattr(cfg, "attn_only", False))
+    tensors = _weight_surface(model, attn_only)
+    n_heads, d_head = int(cfg.n_heads), int(tensors["W_Q"].shape[-1])
+    base_scale = (
+        (float(cfg.attn_scale) if getattr(cfg, "attn_scale", -1.0) > 0 else cfg.d_head**0.5)
+        if getattr(cfg, "use_attn_scale", True) else 1.0
+    )
+    by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+    parallel = bool(getattr(cfg, "parallel_attn_mlp", False)
+                    or type(submodule(model, "blocks.0")).__name__ == "ParallelBlockBridge")
+    layers = [_read_layer(model, cfg, sd, layer, tensors,
+                          base_scale * (layer + 1 if by_layer else 1), parallel)
+              for layer in range(int(cfg.n_layers))]
     pos = getattr(cfg, "positional_embedding_type", "standard")
-    if pos not in ("standard", None):
-        problems.append(f"positional_embedding_type={pos!r} (supported: 'standard')")
-    if getattr(cfg, "normalization_type", None) not in _NORMS:
-        problems.append(f"normalization_type={cfg.normalization_type!r} (supported: {_NORMS})")
-    if not getattr(cfg, "attn_only", False) and getattr(cfg, "act_fn", None) not in _ACTIVATIONS:
-        problems.append(f"act_fn={cfg.act_fn!r} (supported: {sorted(_ACTIVATIONS)})")
-    for flag in ("parallel_attn_mlp", "gated_mlp", "use_local_attn", "use_qk_norm",
-                 "use_normalization_before_and_after", "post_embedding_ln"):
-        if getattr(cfg, flag, False):
-            problems.append(f"{flag}=True")
-    kv = getattr(cfg, "n_key_value_heads", None)
-    if kv not in (None, cfg.n_heads):
-        problems.append(f"grouped-query attention (n_key_value_heads={kv})")
-    if (getattr(cfg, "attn_scores_soft_cap", -1.0) > 0
-            or getattr(cfg, "output_logits_soft_cap", -1.0) > 0):
-        problems.append("logit soft-capping")
-    if problems:
-        raise ModelSupportError(
-            "acdc_viz cannot give per-head access to this model yet: " + "; ".join(problems) + ". "
-            "Supported today: GPT-2-style decoder-only models (learned positions, LayerNorm/"
-            "RMSNorm or none, attention-only or with a plain MLP). Please open an issue naming the "
-            "architecture."
-        )
+    kind, eps = cfg.normalization_type, float(getattr(cfg, "eps", 1e-5))
+    if hf is not None:
+        ln_final = _bridge_norm(model, sd, "ln_final", kind, eps)
+        act_name = hf_activation(hf.config) or getattr(cfg, "act_fn", None)
+    else:
+        ln_final = _norm(model, sd, "ln_final",
+                         getattr(cfg, "final_rms", False) and "RMS" or kind, eps)
+        act_name = getattr(cfg, "act_fn", None)
+    hf_config = getattr(hf, "config", None)
+    model_type = str(getattr(hf_config, "model_type", ""))
+    attn_bridge = type(submodule(model, "blocks.0.attn")).__name__
+    W_U = model.W_U
+    return TransformerWeights(
+        W_E=_clone(model.W_E),
+        W_pos=_clone(model.W_pos) if pos == "standard" else None,
+        layers=layers,
+        ln_final=ln_final,
+        W_U=_clone(W_U),
+        b_U=(_clone(model.b_U) if getattr(model, "b_U", None) is not None
+             else torch.zeros(W_U.shape[1], dtype=W_U.dtype, device=W_U.device)),
+        act=ACTIVATIONS.get(act_name or "relu", F.relu),
+        causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
+        n_heads=n_heads,
+        attn_only=attn_only,
+        d_vocab=W_U.shape[1],
+        n_ctx=int(cfg.n_ctx),
+        rotary=rotary_from_model(hf, d_head) if pos == "rotary" else None,
+        kv_group=_kv_group(n_heads, int(tensors["W_K"].shape[1])),
+        parallel=parallel,
+        embed_scale=(float(getattr(hf_config, "hidden_size", 0)) ** 0.5
+                     if model_type.startswith("gemma") else None),
+        # HF's eager attention (which these bridges reproduce) takes its softmax in float32;
+        # GPT-J's computes q.k in float32 too. GPT-NeoX's and Falcon's bridges use the model's
+        # dtype throughout.
+        softmax_dtype=(torch.float32 if attn_bridge == "PositionEmbeddingsAttentionBridge"
+                       else None),
+        scores_dtype=torch.float32 if model_type == "gptj" else None,
+    )
 
 
 def from_model(model: Any, check_tokens: torch.Tensor | None = None, *,
                atol: float = 1e-4) -> TransformerWeights:
     """Read a TransformerLens model's weights (4.x bridge or 3.x HookedTransformer).
 
-    If ``check_tokens`` is given, our forward is compared with ``model(check_tokens)``, and a
-    ``ModelSupportError`` is raised when they differ by more than ``atol`` (relative to the
-    logits' scale).
+    A model with a feature the adapter does not model is refused first, from its configs and
+    module tree alone (``ModelSupportError`` naming the feature). If ``check_tokens`` is given,
+    our forward is compared with ``model(check_tokens)``, and a ``ModelSupportError`` is raised
+    when they differ by more than ``atol`` (relative to the logits' scale).
     """
     cfg = model_config(model)
-    _check_supported(cfg)
+    check_supported(cfg, model)
     try:
         with torch.no_grad():
-            sd = model.state_dict()
-            n_layers, n_heads = cfg.n_layers, cfg.n_heads
-            eps = float(getattr(cfg, "eps", 1e-5))
-            kind = cfg.normalization_type
-            attn_only = bool(getattr(cfg, "attn_only", False))
-            d_head = cfg.d_head
-            base_scale = (
-                (float(cfg.attn_scale) if getattr(cfg, "attn_scale", -1.0) > 0 else d_head**0.5)
-                if getattr(cfg, "use_attn_scale", True) else 1.0
-            )
-            W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
-            b_Q, b_K, b_V, b_O = model.b_Q, model.b_K, model.b_V, model.b_O
-            if not attn_only:
-                W_in, b_in, W_out, b_out = model.W_in, model.b_in, model.W_out, model.b_out
-            layers = []
-            for layer in range(n_layers):
-                by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
-                scale = base_scale * (layer + 1 if by_layer else 1)
-                lw = LayerWeights(
-                    ln1=_norm(model, sd, f"blocks.{layer}.ln1", kind, eps),
-                    W_Q=W_Q[layer].detach().clone(), b_Q=b_Q[layer].detach().clone(),
-                    W_K=W_K[layer].detach().clone(), b_K=b_K[layer].detach().clone(),
-                    W_V=W_V[layer].detach().clone(), b_V=b_V[layer].detach().clone(),
-                    W_O=W_O[layer].detach().clone(), b_O=b_O[layer].detach().clone(),
-                    attn_scale=scale,
-                )
-                if not attn_only:
-                    lw.ln2 = _norm(model, sd, f"blocks.{layer}.ln2", kind, eps)
-                    lw.W_in, lw.b_in = W_in[layer].detach().clone(), b_in[layer].detach().clone()
-                    lw.W_out = W_out[layer].detach().clone()
-                    lw.b_out = b_out[layer].detach().clone()
-                layers.append(lw)
-            pos = getattr(cfg, "positional_embedding_type", "standard")
-            weights = TransformerWeights(
-                W_E=model.W_E.detach().clone(),
-                W_pos=model.W_pos.detach().clone() if pos == "standard" else None,
-                layers=layers,
-                ln_final=_norm(model, sd, "ln_final",
-                               getattr(cfg, "final_rms", False) and "RMS" or kind, eps),
-                W_U=model.W_U.detach().clone(),
-                b_U=(model.b_U.detach().clone() if getattr(model, "b_U", None) is not None
-                     else torch.zeros(model.W_U.shape[1], dtype=model.W_U.dtype,
-                                      device=model.W_U.device)),
-                act=_ACTIVATIONS.get(getattr(cfg, "act_fn", None) or "relu", F.relu),
-                causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
-                n_heads=n_heads,
-                attn_only=attn_only,
-                d_vocab=model.W_U.shape[1],
-                n_ctx=int(cfg.n_ctx),
-            )
+            weights = _read_weights(model, cfg)
     except (AttributeError, NotImplementedError, KeyError, IndexError) as exc:
         raise ModelSupportError(
             f"could not read the weights ACDC needs from {type(model).__name__}: {exc!r}. Expected "

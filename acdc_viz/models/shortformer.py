@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from acdc_viz.errors import describe
-from acdc_viz.models.adapter import _NORMS, LayerWeights, TransformerWeights, _norm
+from acdc_viz.models.adapter import LayerWeights, TransformerWeights, _norm
 from acdc_viz.models.loading import (
     ModelLoadError,
     _env_offline,
@@ -40,6 +40,7 @@ from acdc_viz.models.loading import (
     _hub_offline_mode,
     _hub_reachable,
 )
+from acdc_viz.models.support import NORMS
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,8 @@ def weights_from_state_dict(state_dict: dict[str, torch.Tensor], config: dict[st
     if not config.get("attn_only", False):
         problems.append("a model with MLPs (only attention-only models are read here)")
     kind = config.get("normalization_type", config.get("normalization"))
-    if kind not in _NORMS:
-        problems.append(f"normalization {kind!r} (supported: {_NORMS})")
+    if kind not in NORMS:
+        problems.append(f"normalization {kind!r} (supported: {NORMS})")
     if config.get("attention_dir", "causal") not in ("causal", "bidirectional"):
         problems.append(f"attention_dir {config['attention_dir']!r}")
     if problems:

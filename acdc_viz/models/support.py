@@ -1,0 +1,198 @@
+"""Which models the per-head adapter reads, and the refusal that names what it does not.
+
+Architecture facts come from the Hugging Face config and the module tree where a TransformerLens
+4 bridge has them: the bridge's own ``cfg`` leaves many unset (sliding windows, q/k norms,
+sandwich norms, rope scaling; see docs/model-families.md). Everything here reads configs and
+module trees only, so a model is refused before any weight is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from acdc_viz.errors import ModelSupportError
+from acdc_viz.models.rotary import ROPE_TYPES
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
+QK_NORMS = "q/k norms (Qwen3, OLMo 2, Phi with qk_layernorm)"
+
+#: What ACDC runs on and what the adapter reads, for the messages of refused models.
+SUPPORTED_FAMILIES = (
+    "ACDC runs today on GPT-2-style decoder-only models (learned or shortformer positions, "
+    "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP). The adapter also "
+    "reads, through TransformerLens 4 bridges of Hugging Face models, GPT-NeoX/Pythia, Llama "
+    "(rope scaling: linear, dynamic, llama3, yarn), Qwen2/2.5, Gemma (1), Phi-1/1.5/2, GPT-J, "
+    "OLMo (1) and Falcon-7B-style models; running ACDC on them (rotary embeddings, grouped-query "
+    "attention, parallel blocks) is the next step of issue 13."
+)
+
+
+def hf_model(model: Any) -> Any:
+    """The Hugging Face model a TransformerLens 4 bridge wraps, or None (TransformerLens 3,
+    native bridges)."""
+    original = getattr(model, "original_model", None)
+    config = getattr(original, "config", None)
+    return original if config is not None and hasattr(config, "model_type") else None
+
+
+def submodule(model: Any, path: str) -> Any:
+    """``model.<path>`` (dots and indices), or None where it does not exist."""
+    obj = model
+    for part in path.split("."):
+        try:
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+    return obj
+
+
+def hf_activation(config: Any) -> str | None:
+    """The MLP activation's name in a Hugging Face config."""
+    for field in ("hidden_activation", "hidden_act", "activation_function", "activation"):
+        name = getattr(config, field, None)
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def _sliding_window(config: Any) -> str | None:
+    """A description of the sliding-window attention a Hugging Face config asks for, or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        local = [i for i, t in enumerate(layer_types) if "sliding" in str(t)]
+        return f"window {window} on layers {local}" if local else None
+    if window is not None and getattr(config, "use_sliding_window", True) is not False:
+        return f"window {window} on every layer"
+    return None
+
+
+def _config_problems(config: Any) -> list[str]:
+    """Features of a Hugging Face config that the adapter does not model, each with its
+    families."""
+    problems = []
+    if getattr(config, "is_encoder_decoder", False):
+        problems.append("an encoder-decoder model (is_encoder_decoder=True; T5, BART, ...)")
+    experts = [f"{f}={getattr(config, f)}" for f in ("num_experts", "num_local_experts",
+                                                     "n_routed_experts", "moe_num_experts")
+               if (getattr(config, f, None) or 0) > 0]
+    if experts:
+        problems.append(f"mixture-of-experts MLPs ({', '.join(experts)}; Mixtral, Qwen-MoE, ...)")
+    model_type = str(getattr(config, "model_type", ""))
+    if (any(hasattr(config, f) for f in ("state_size", "ssm_state_size", "mamba_d_state"))
+            or any(s in model_type for s in ("mamba", "rwkv", "jamba"))):
+        problems.append(f"state-space layers (model_type={model_type!r}; Mamba, RWKV, Jamba)")
+    multimodal = [f for f in ("vision_config", "audio_config", "text_config")
+                  if getattr(config, f, None) is not None]
+    if multimodal:
+        problems.append(f"a multimodal model ({', '.join(multimodal)}; LLaVA, Gemma 3, ...)")
+    if getattr(config, "alibi", False) or model_type in ("bloom", "mpt"):
+        problems.append("ALiBi position biases (Bloom, Falcon-RW, MPT)")
+    window = _sliding_window(config)
+    if window:
+        problems.append(f"sliding-window attention ({window}; Mistral, Gemma 2 local layers)")
+    caps = {f: getattr(config, f, None) for f in ("attn_logit_softcapping",
+                                                  "final_logit_softcapping")}
+    if any(v is not None for v in caps.values()):
+        problems.append(f"soft-capping ({', '.join(f'{k}={v}' for k, v in caps.items())}; "
+                        "Gemma 2)")
+    if getattr(config, "clip_qkv", None) is not None:
+        problems.append(f"q/k/v clipping (clip_qkv={config.clip_qkv}; OLMo)")
+    if getattr(config, "new_decoder_architecture", False):
+        problems.append("Falcon's new_decoder_architecture (Falcon-40B/180B: TransformerLens 4.3 "
+                        "splits its grouped fused QKV wrongly)")
+    if getattr(config, "qk_layernorm", False) or getattr(config, "use_qk_norm", False):
+        problems.append(QK_NORMS)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        problems.append("rope parameters per layer type (Gemma 3, ...)")
+    elif rope.get("rope_type", "default") not in ROPE_TYPES:
+        problems.append(f"rope scaling {rope['rope_type']!r} (supported: {', '.join(ROPE_TYPES)})")
+    elif rope.get("llama_4_scaling_beta") is not None:
+        problems.append("Llama 4's position-dependent query scale (llama_4_scaling_beta)")
+    return problems
+
+
+def _module_problems(model: Any) -> list[str]:
+    """Features visible in a bridge's module tree (its config may not say)."""
+    problems = []
+    block = submodule(model, "blocks.0")
+    if block is not None and any(hasattr(block, n) for n in ("ln1_post", "ln2_post")):
+        problems.append("sandwich norms: a norm on the attention or MLP output before the "
+                        "residual add (Gemma 2/3, OLMo 2)")
+    attn = getattr(block, "attn", None)
+    if attn is not None and any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+        problems.append(QK_NORMS)
+    if hasattr(model, "embed_ln"):
+        problems.append("a LayerNorm right after the embedding (Bloom)")
+    return problems
+
+
+def _cfg_problems(cfg: Any, hf: Any) -> list[str]:
+    """Features named by the TransformerLens config."""
+    problems = []
+    pos = getattr(cfg, "positional_embedding_type", "standard")
+    if pos == "alibi":
+        problems.append("ALiBi position biases (Bloom, Falcon-RW, MPT)")
+    elif pos == "rotary" and hf is None:
+        problems.append("rotary embeddings (positional_embedding_type='rotary') on a model without "
+                        "its Hugging Face original: rotary models are read through a "
+                        "TransformerLens 4 bridge (TransformerBridge.boot_transformers)")
+    elif pos not in ("standard", None, "rotary"):
+        problems.append(f"positional_embedding_type={pos!r} (supported: 'standard', 'rotary')")
+    if getattr(cfg, "normalization_type", None) not in NORMS:
+        problems.append(f"normalization_type={cfg.normalization_type!r} (supported: {NORMS})")
+    act = hf_activation(hf.config) if hf is not None else None
+    act = act or getattr(cfg, "act_fn", None)
+    if not getattr(cfg, "attn_only", False) and act not in ACTIVATIONS:
+        problems.append(f"activation {act!r} (supported: {sorted(ACTIVATIONS)})")
+    for flag, feature in (("use_local_attn", "sliding-window attention (Mistral, Gemma 2)"),
+                          ("use_qk_norm", QK_NORMS),
+                          ("use_normalization_before_and_after", "sandwich norms (Gemma 2/3)"),
+                          ("post_embedding_ln", "a LayerNorm right after the embedding (Bloom)")):
+        if getattr(cfg, flag, False):
+            problems.append(f"{feature}: {flag}=True")
+    if hf is None and (getattr(cfg, "attn_scores_soft_cap", -1.0) > 0
+                       or getattr(cfg, "output_logits_soft_cap", -1.0) > 0):
+        problems.append("soft-capping of attention scores or logits (Gemma 2)")  # else: HF's
+    if (getattr(cfg, "num_experts", None) or 0) > 0:
+        problems.append(f"mixture-of-experts MLPs (num_experts={cfg.num_experts})")
+    if (pos == "rotary" and hf is not None and hf.config.model_type != "gptj"
+            and (getattr(cfg, "rotary_adjacent_pairs", False)
+                 or getattr(cfg, "rotary_interleaved_cos_sin", False))):
+        problems.append("adjacent-pair rotary (GLM, ERNIE, Cohere)")
+    return problems
+
+
+def check_supported(cfg: Any, model: Any = None) -> None:
+    """Refuse a model with a feature the adapter does not model, naming every one of them.
+
+    Reads only configs and the module tree (before any weight is touched). Architecture facts
+    come from the Hugging Face config where a bridge has one: TransformerLens 4's ``cfg`` leaves
+    many of them unset (sliding windows, q/k norms, sandwich norms, rope scaling).
+    """
+    hf = hf_model(model)
+    problems = _cfg_problems(cfg, hf)
+    if hf is not None:
+        problems += _config_problems(hf.config)
+    if model is not None:
+        problems += _module_problems(model)
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        raise ModelSupportError(
+            "acdc_viz cannot give per-head access to this model: " + "; ".join(problems) + ". "
+            + SUPPORTED_FAMILIES + " Please open an issue naming the architecture."
+        )
