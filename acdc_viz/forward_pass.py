@@ -175,11 +175,13 @@ class PassRunner:
         shared_heads = [h for h in range(n_heads) if h not in dep_heads]
         biases = self.weights.qkv_biases(layer, query_from, first_pos, self.seq_len)
         weights = (layer_weights.W_Q, layer_weights.W_K, layer_weights.W_V)
+        # q's rows are positions query_from.., k's and v's first_pos..; only q and k rotate.
+        rotate = (self._rotation(query_from), self._rotation(first_pos), None)
         shared, dependent = [], []
         for letter, (W, b) in enumerate(zip(weights, biases, strict=True)):
             positions = slice(query_from - first_pos, None) if letter == 0 else slice(None)
             rows = [first_row + letter * n_heads + h for h in range(n_heads)]
-            args = (state, layer_weights.ln1, W, b, positions, inp, rows)
+            args = (state, layer_weights.ln1, W, b, positions, inp, rows, rotate[letter])
             out = self._project(*args, range(n_heads), per_hypothesis=False, shared=None)
             shared.append(out)
             if dep_heads:
@@ -212,6 +214,13 @@ class PassRunner:
                     dep_sources=[first_head + h for h in dep_heads], dep_out=dependent_out,
                     bias=layer_weights.b_O)
 
+    def _rotation(self, start: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The rotary embedding of q or k rows at positions ``start..``; None without rotary."""
+        rotary = self.weights.rotary
+        if rotary is None:
+            return None
+        return partial(rotary.rotate, start=start, seq_len=self.seq_len)
+
     def _heads_out(self, state: PassState, layer: int, head_index: slice | torch.Tensor,
                    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_hypotheses: int,
                    query_from: int) -> torch.Tensor:
@@ -221,6 +230,13 @@ class PassRunner:
             prefix_k, prefix_v = (t[:, head_index, :first_pos].repeat(n_hypotheses, 1, 1, 1)
                                   for t in self.acts.kv_current[layer])
             k, v = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
+        scale = 1.0 / layer_weights.attn_scale
+        if self.weights.softmax_dtype is not None or self.weights.scores_dtype is not None:
+            # Hugging Face's eager attention with its float32 steps, as the clean run computes
+            # it. Keys cover positions 0..seq_len-1 and queries query_from..seq_len-1, so its
+            # causal mask (the bottom-right triangle) lines them up.
+            z = self.weights.eager_attention(q, k, v, scale)
+            return torch.einsum("bhpe,hed->hbpd", z, layer_weights.W_O[head_index])
         mask, causal = None, False
         if self.weights.causal and q.shape[2] > 1:
             if query_from == 0:
@@ -230,16 +246,23 @@ class PassRunner:
                 queries = query_from + torch.arange(q.shape[2], device=q.device)
                 mask = keys[None, :] <= queries[:, None]
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           scale=1.0 / layer_weights.attn_scale)
+                                           scale=scale)
         return torch.einsum("bhpe,hed->hbpd", z, layer_weights.W_O[head_index])
 
     def _project(self, state: PassState, norm: Callable[[torch.Tensor], torch.Tensor],
                  W: torch.Tensor, b: torch.Tensor, positions: slice, inp: GroupInputs,
-                 rows: list[int], heads: Sequence[int], *, per_hypothesis: bool,
+                 rows: list[int], rotate: Callable[[torch.Tensor], torch.Tensor] | None,
+                 heads: Sequence[int], *, per_hypothesis: bool,
                  shared: torch.Tensor | None) -> torch.Tensor | None:
         """One of q, k, v for ``heads`` at ``positions``: without ``per_hypothesis``, (batch,
         heads, pos, d_head) for the rows that all hypotheses share (None if there are none);
-        with it, (n * batch, heads, pos, d_head), the shared rows copied from ``shared``."""
+        with it, (n * batch, heads, pos, d_head), the shared rows copied from ``shared``.
+        ``rotate`` (q and k of a rotary model) applies to each projection as it is computed;
+        ``shared`` is rotated already."""
+        def proj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, per_row: bool) -> torch.Tensor:
+            out = _norm_proj(norm, x, W, b, per_row=per_row)
+            return out if rotate is None else rotate(out)
+
         by_kind: dict[str, list[tuple[int, int]]] = {}
         for slot, head in enumerate(heads):
             kind = inp.kind(rows[head])
@@ -251,7 +274,7 @@ class PassRunner:
         kind = next(iter(by_kind))
         if (not per_hypothesis and len(by_kind) == 1 and kind in ("plain", "ablated")
                 and len(by_kind[kind]) == len(heads)):
-            return _norm_proj(norm, inp.stream(kind)[:, positions], W, b, per_row=False)
+            return proj(inp.stream(kind)[:, positions], W, b, False)
         n = state.n_hypotheses if per_hypothesis else 1
         some = next(t for t in (inp.x, inp.ablated, inp.plain, inp.x_dep, inp.plain_dep)
                     if t is not None)
@@ -263,13 +286,13 @@ class PassRunner:
                 assert shared is not None
                 out[:, slot_index] = shared[:, head_index].repeat(n, 1, 1, 1)
             elif kind in ("plain", "plain_dep", "ablated"):
-                out[:, slot_index] = _norm_proj(norm, inp.stream(kind)[:, positions],
-                                                W[head_index], b[head_index], per_row=False)
+                out[:, slot_index] = proj(inp.stream(kind)[:, positions], W[head_index],
+                                          b[head_index], False)
             else:
                 x, order = (inp.x, inp.active) if kind == "own" else (inp.x_dep, inp.dep_rows)
                 assert x is not None
                 x = x[self.index([order.index(rows[h]) for _, h in items])][..., positions, :]
-                out[:, slot_index] = _norm_proj(norm, x, W[head_index], b[head_index], per_row=True)
+                out[:, slot_index] = proj(x, W[head_index], b[head_index], True)
         return out
 
     def _store(self, state: PassState, from_pos: int, *, shared_sources: list[int] | None = None,

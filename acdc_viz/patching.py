@@ -40,6 +40,15 @@ circuit and, lazily, its keys and values into that cache.
 they are a position-dependent bias of q and k (``qkv_biases``); corrections still act on the
 stream before ``ln1``, and the positions are no source.
 
+**Rotary embeddings and float32 attention.** A rotary model's q and k are rotated as they are
+projected, shared and per-hypothesis rows alike (q from the pass's query position, k from its
+first position), so the causal-prefix cache holds rotated keys, as the plain forward pass
+records them; values never rotate. Where Hugging Face takes the attention softmax (or, for GPT-J,
+the scores) in float32 inside a float64 model (``TransformerWeights.softmax_dtype`` and
+``scores_dtype``), a pass does too, with the adapter's eager attention; other models keep
+``scaled_dot_product_attention``. Grouped-query attention and parallel blocks are refused for
+now (issue 13).
+
 **Where the code is.** ``acdc_viz.removed_edges`` keeps the circuit: masks, host-side counts and
 destination groups. ``acdc_viz.pass_inputs`` builds destinations' inputs from the stream and
 their corrections; ``acdc_viz.forward_pass`` runs the blocks of a pass on them. ``CircuitRunner``
@@ -96,25 +105,23 @@ class CircuitRunner:
         of removed edges."""
         if ablation not in ABLATIONS:
             raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
-        # The partial passes (forward_pass, pass_inputs) do not rotate q/k, share key/value
-        # heads, feed a parallel MLP the block's input or mirror HF's float32 attention yet:
-        # refuse rather than run wrong or approximately.
-        # (Gated MLPs, zero biases, embedding scales and norm variants live inside the weights'
-        # own callables and are exact.)
+        # The partial passes (forward_pass, pass_inputs) do not share key/value heads or feed a
+        # parallel MLP the block's input yet: refuse rather than run wrong or approximately.
+        # (Rotary embeddings, Hugging Face's float32 attention, gated MLPs, zero biases,
+        # embedding scales and norm variants are applied exactly.)
         pending = [feature for feature, present in (
-            ("rotary embeddings", weights.rotary is not None),
             (f"grouped-query attention ({weights.n_kv_heads} key/value heads for "
              f"{weights.n_heads} query heads)", weights.kv_group is not None),
             ("parallel attention and MLP blocks", weights.parallel and not weights.attn_only),
-            ("attention scores or softmax in float32 (as Hugging Face computes them)",
-             weights.softmax_dtype is not None or weights.scores_dtype is not None),
         ) if present]
         if pending:
             raise ModelSupportError(
                 "acdc_viz's adapter reads this model exactly, but the ACDC engine's support for "
-                + ", ".join(pending) + " is the next step of issue 13 (its partial forward "
+                + " and ".join(pending) + " is the next step of issue 13 (its partial forward "
                 "passes do not apply them yet, so a circuit found now would be wrong). "
-                "Models without these features (GPT-2 style, with or without gated MLPs) run today."
+                "Models without these features (GPT-2 style; rotary models such as Llama or "
+                "OLMo with as many key/value heads as query heads, GPT-NeoX with sequential "
+                "blocks) run today."
             )
         self.weights = weights
         self.graph = graph

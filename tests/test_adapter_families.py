@@ -4,9 +4,9 @@ For each family the adapter supports, ``from_model(bridge).forward(tokens)`` equ
 own logits in float64: measured 0 to 3e-15 (docs/model-families.md, "Adapter support"), because
 the adapter repeats Hugging Face's float32 steps (RMSNorm, OLMo's LayerNorm, the eager softmax,
 GPT-J's scores, rotary angles). Every family it does not model is refused, naming the feature,
-before any weight is read. The ACDC engine does not run rotary, grouped-query or parallel models
-yet: ``CircuitRunner`` refuses them with a clear message, and runs a gated-MLP model exactly
-(checked against the brute-force reference).
+before any weight is read. The ACDC engine does not run grouped-query or parallel models yet:
+``CircuitRunner`` refuses them with a clear message. It runs a gated-MLP model exactly here
+(checked against the brute-force reference); rotary models in tests/test_engine_rotary.py.
 """
 
 from __future__ import annotations
@@ -213,19 +213,28 @@ def test_qwen2_without_sliding_window_is_not_refused(family):
     from_model(family("qwen2").bridge)
 
 
-def test_engine_refuses_rotary_grouped_and_parallel_models(family):
-    """Until the engine applies them, Acdc and CircuitRunner refuse with the reason."""
+def test_engine_refuses_grouped_and_parallel_models(family):
+    """Until the engine applies them, Acdc and CircuitRunner refuse grouped-query attention and
+    parallel blocks with the reason; rotary embeddings alone run (tests/test_engine_rotary.py)."""
     bridge = family("llama").bridge
     clean, corrupt = token_pairs(batch=2, pos=4, d_vocab=VOCAB)
     with pytest.raises(ModelSupportError) as info:
         Acdc(bridge, TokenPairs(clean, corrupt), tau=1e-3, dtype=torch.float64)
     message = str(info.value)
     assert "reads this model exactly" in message and "next step of issue 13" in message
-    assert "rotary embeddings" in message and "grouped-query attention" in message
-    weights = from_model(family("gpt_neox").bridge)
-    graph = CircuitGraph(weights.n_layers, weights.n_heads)
-    with pytest.raises(ModelSupportError, match="rotary embeddings, parallel attention and MLP"):
-        CircuitRunner(weights, graph, clean, corrupt)
+    assert "grouped-query attention (2 key/value heads for 4 query heads)" in message
+    assert "rotary embeddings" not in message and "parallel" not in message
+    for name in ("gpt_neox", "phi", "gptj"):                 # parallel, multi-head
+        weights = from_model(family(name).bridge)
+        graph = CircuitGraph(weights.n_layers, weights.n_heads)
+        with pytest.raises(ModelSupportError, match="engine's support for parallel attention "
+                           "and MLP blocks is the next step of issue 13"):
+            CircuitRunner(weights, graph, clean, corrupt)
+    weights = from_model(family("falcon").bridge)            # parallel and multi-query
+    with pytest.raises(ModelSupportError, match="grouped-query attention .* and parallel"):
+        CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean, corrupt)
+    weights = from_model(family("gpt_neox-sequential").bridge)
+    CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean, corrupt)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +250,7 @@ def gated_no_rotary(tmp_path_factory):
     assert weights.rotary is not None and weights.kv_group is None and not weights.parallel
     weights = dataclasses.replace(weights, rotary=None)
     assert _max_error(fm, weights) == 0.0
-    # The engine's partial passes take the softmax in float64; so does its clean run then.
+    # Without the float32 softmax, clean run and passes both take SDPA's float64 softmax.
     return fm.bridge, dataclasses.replace(weights, softmax_dtype=None)
 
 

@@ -212,10 +212,10 @@ class TransformerWeights:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                scale=1.0 / w.attn_scale)
         else:
-            z = self._eager_attention(q, k, v, 1.0 / w.attn_scale)
+            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale)
         return torch.einsum("bhpe,hed->hbpd", z, w.W_O)
 
-    def _eager_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def eager_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float) -> torch.Tensor:
         """Attention as Hugging Face's eager code computes it, with its float32 steps."""
         if self.scores_dtype is not None:

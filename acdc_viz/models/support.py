@@ -32,11 +32,12 @@ QK_NORMS = "q/k norms (Qwen3, OLMo 2, Phi with qk_layernorm)"
 #: What ACDC runs on and what the adapter reads, for the messages of refused models.
 SUPPORTED_FAMILIES = (
     "ACDC runs today on GPT-2-style decoder-only models (learned or shortformer positions, "
-    "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP). The adapter also "
-    "reads, through TransformerLens 4 bridges of Hugging Face models, GPT-NeoX/Pythia, Llama "
-    "(rope scaling: linear, dynamic, llama3, yarn), Qwen2/2.5, Gemma (1), Phi-1/1.5/2, GPT-J, "
-    "OLMo (1) and Falcon-7B-style models; running ACDC on them (rotary embeddings, grouped-query "
-    "attention, parallel blocks) is the next step of issue 13."
+    "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP) and on rotary "
+    "models whose key/value heads equal their query heads and whose blocks are sequential "
+    "(Llama-2-style, OLMo, Gemma-7B-style, GPT-NeoX with use_parallel_residual=False). The "
+    "adapter also reads, through TransformerLens 4 bridges of Hugging Face models, Pythia, "
+    "Llama 3, Qwen2/2.5, Gemma-2B, Phi-1/1.5/2, GPT-J and Falcon-7B-style models; running ACDC "
+    "on their grouped-query attention and parallel blocks is the next step of issue 13."
 )
 
 
@@ -130,13 +131,15 @@ def _module_problems(model: Any) -> list[str]:
     """Features visible in a bridge's module tree (its config may not say)."""
     problems = []
     block = submodule(model, "blocks.0")
-    if block is not None and any(hasattr(block, n) for n in ("ln1_post", "ln2_post")):
+    # getattr, not hasattr: TransformerLens 3 keeps unused norms as attributes set to None.
+    if block is not None and any(getattr(block, n, None) is not None
+                                 for n in ("ln1_post", "ln2_post")):
         problems.append("sandwich norms: a norm on the attention or MLP output before the "
                         "residual add (Gemma 2/3, OLMo 2)")
     attn = getattr(block, "attn", None)
-    if attn is not None and any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+    if attn is not None and any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
         problems.append(QK_NORMS)
-    if hasattr(model, "embed_ln"):
+    if getattr(model, "embed_ln", None) is not None:
         problems.append("a LayerNorm right after the embedding (Bloom)")
     return problems
 
