@@ -158,7 +158,7 @@ class Acdc:
         self.weights = weights.to(self.device, self.dtype)
         self.graph = CircuitGraph(
             weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
-            n_positions=pairs.seq_len if positions else None,
+            n_positions=pairs.seq_len if positions else None, parallel=weights.parallel,
         )
         self.ablation = ablation
         self.test_mode = test_mode

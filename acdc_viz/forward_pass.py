@@ -58,12 +58,18 @@ def unembed(weights: TransformerWeights, resid: torch.Tensor,
 
 def full_run(weights: TransformerWeights, tokens: torch.Tensor,
              last_position_only: bool) -> FullRun:
-    """A plain forward pass that records every source's output, the streams, keys and values."""
+    """A plain forward pass that records every source's output, the streams, keys and values.
+
+    In a parallel block the MLP reads the block's input (``resid_pre``), as the attention does;
+    ``resid_mid`` is then the stream after the attention, which no destination reads.
+    """
     resid = weights.embed(tokens)
     sources = [resid]
     resid_pre, resid_mid, kv = [], [], []
+    parallel = weights.parallel and not weights.attn_only
     for layer, layer_weights in enumerate(weights.layers):
         resid_pre.append(resid)
+        block_input = resid
         q, k, v = weights.qkv(layer, layer_weights.ln1(resid))
         kv.append((k, v))
         heads = weights.attention(layer, q, k, v)
@@ -71,7 +77,7 @@ def full_run(weights: TransformerWeights, tokens: torch.Tensor,
         resid = resid + heads.sum(0) + layer_weights.b_O
         resid_mid.append(resid)
         if not weights.attn_only:
-            out = layer_weights.mlp(resid, weights.act)
+            out = layer_weights.mlp(block_input if parallel else resid, weights.act)
             sources.append(out)
             resid = resid + out
     return FullRun(torch.stack(sources), resid_pre, resid_mid, resid, kv,
@@ -108,6 +114,7 @@ class PassRunner:
                            for layer in range(self.n_layers)]
         self.mlp_source = [first + self.n_heads for first in self.first_head]
         self.index = edges.index
+        self.parallel = weights.parallel and not weights.attn_only
         self.buffers = WorkBuffers(weights.dtype, weights.device)
         self.inputs = InputBuilder(edges, acts, self.buffers, batch, seq_len)
 
@@ -136,6 +143,10 @@ class PassRunner:
                           {} if stash else None)
         for block in range(layer, self.n_layers) if stage != "out" else ():
             query_from = last if block == top else first_pos
+            if self.parallel:
+                self._parallel_block(state, block, query_from,
+                                     with_attention=block > layer or stage == "attn")
+                continue
             if block > layer or stage == "attn":
                 self._attention(state, block, query_from)
             if not self.weights.attn_only:
@@ -323,10 +334,41 @@ class PassRunner:
         if bias is not None:
             base += bias
 
-    def _mlp(self, state: PassState, layer: int, from_pos: int) -> None:
-        """The MLP of ``layer`` at positions >= ``from_pos``."""
+    def _parallel_block(self, state: PassState, layer: int, from_pos: int, *,
+                        with_attention: bool) -> None:
+        """A parallel block: its MLP reads the block's input stream (sources below the block),
+        so its input is taken before the attention adds the heads to ``base``. A pass that
+        starts at the MLP (``with_attention`` False, ``base`` = ``resid_mid``, the heads clean)
+        reads that input from ``resid_pre``: every source it reads is below the pass's start,
+        so all of them hold their clean outputs and only ``base`` differs."""
+        if with_attention:
+            mlp_input = self._mlp_input(state, layer, from_pos)
+            self._attention(state, layer, from_pos)
+        else:
+            after_heads = state.base
+            state.base = self.acts.resid_pre[layer][:, state.first_pos:].clone()
+            try:
+                mlp_input = self._mlp_input(state, layer, from_pos)
+            finally:
+                state.base = after_heads
+        self._mlp(state, layer, from_pos, mlp_input)
+
+    def _mlp_input(self, state: PassState, layer: int,
+                   from_pos: int) -> tuple[torch.Tensor, bool]:
+        """The input of ``layer``'s MLP from the sources below ``layer``'s heads, and whether it
+        is per hypothesis; a copy (the shared input may be a view of ``base``, which changes in
+        place when the heads are stored; per-hypothesis inputs are new tensors already)."""
+        x, dep = self.inputs.inputs(state, (layer, "mlp"), self.first_head[layer],
+                                    from_pos).single()
+        return (x, dep) if dep else (x.clone(), dep)
+
+    def _mlp(self, state: PassState, layer: int, from_pos: int,
+             mlp_input: tuple[torch.Tensor, bool] | None = None) -> None:
+        """The MLP of ``layer`` at positions >= ``from_pos`` (from ``mlp_input`` when given:
+        a parallel block's input)."""
         layer_weights, source = self.weights.layers[layer], self.mlp_source[layer]
-        x, dep = self.inputs.inputs(state, (layer, "mlp"), source, from_pos).single()
+        x, dep = mlp_input or self.inputs.inputs(state, (layer, "mlp"), source,
+                                                 from_pos).single()
         if dep:
             self._store(state, from_pos, dep_sources=[source],
                         dep_out=lambda: layer_weights.mlp(x, self.weights.act).unsqueeze(0))

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 SourceKind = Literal["embed", "head", "mlp"]
 DestKind = Literal["q", "k", "v", "mlp", "out"]
 NodeKind = Literal["embed", "head", "mlp", "out"]
-GraphShape = tuple[int, int, bool, int | None]
-"""``(n_layers, n_heads, attn_only, n_positions)``: what determines a ``CircuitGraph``."""
+GraphShape = tuple[int, int, bool, int | None, bool]
+"""``(n_layers, n_heads, attn_only, n_positions, parallel)``: what determines a ``CircuitGraph``.
+``from_shape`` also takes the four-element form of older callers (``parallel`` False)."""
 QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
 
 
@@ -107,11 +108,13 @@ def node_key(name: str, position: int | None) -> str:
     return name if position is None else f"{name}@{position}"
 
 
-def _feeds(src: Source, dest: Destination) -> bool:
-    """Whether ``src`` is computed before ``dest`` reads the stream."""
+def _feeds(src: Source, dest: Destination, parallel: bool = False) -> bool:
+    """Whether ``src`` is computed before ``dest`` reads the stream. In a parallel block the MLP
+    reads the block's input, as its attention does, so no head of its layer feeds it."""
     if src.layer < dest.layer:
         return True
-    return src.layer == dest.layer and src.kind == "head" and dest.kind == "mlp"
+    return (not parallel and src.layer == dest.layer and src.kind == "head"
+            and dest.kind == "mlp")
 
 
 class CircuitGraph:
@@ -123,11 +126,13 @@ class CircuitGraph:
         attn_only: the blocks have no MLP.
         n_positions: split every edge by token position (prompts must all have this length);
             ``None`` for one edge over all positions.
+        parallel: the blocks are parallel (attention and MLP read the same stream, GPT-NeoX,
+            Phi): ``MLP{l}`` receives no edge from ``A{l}.*``. The visit order is unchanged.
     """
 
     def __init__(
         self, n_layers: int, n_heads: int, *, attn_only: bool = False,
-        n_positions: int | None = None,
+        n_positions: int | None = None, parallel: bool = False,
     ) -> None:
         """Build the sources and destinations; the edges follow lazily (``edges``)."""
         if n_layers < 1 or n_heads < 1:
@@ -139,6 +144,7 @@ class CircuitGraph:
         self.n_heads = n_heads
         self.attn_only = attn_only
         self.n_positions = n_positions
+        self.parallel = bool(parallel) and not attn_only
 
         sources: list[Source] = [Source("Embed", "embed", -1, None, 0)]
         for layer in range(n_layers):
@@ -159,19 +165,25 @@ class CircuitGraph:
 
     @classmethod
     def from_config(cls, cfg: Any, *, n_positions: int | None = None) -> CircuitGraph:
-        """Build from a TransformerLens config (``model.cfg``); no weights are needed."""
+        """Build from a TransformerLens config (``model.cfg``); no weights are needed.
+
+        ``parallel`` follows ``cfg.parallel_attn_mlp`` (a TransformerLens 4 bridge of a parallel
+        family may leave it unset: build from ``TransformerWeights.parallel`` then)."""
         return cls(cfg.n_layers, cfg.n_heads, attn_only=bool(getattr(cfg, "attn_only", False)),
-                   n_positions=n_positions)
+                   n_positions=n_positions,
+                   parallel=bool(getattr(cfg, "parallel_attn_mlp", False)))
 
     @classmethod
-    def from_shape(cls, shape: GraphShape) -> CircuitGraph:
+    def from_shape(cls, shape: GraphShape | tuple[int, int, bool, int | None]) -> CircuitGraph:
         """The graph of a ``CircuitGraph.shape`` (caches key on the shape, not on a graph)."""
-        n_layers, n_heads, attn_only, n_positions = shape
-        return cls(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions)
+        n_layers, n_heads, attn_only, n_positions = shape[:4]
+        parallel = bool(shape[4]) if len(shape) > 4 else False
+        return cls(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions,
+                   parallel=parallel)
 
     def sources_of(self, dest: Destination) -> list[Source]:
         """The sources that feed ``dest``, latest first (the visit order)."""
-        return [s for s in reversed(self.sources) if _feeds(s, dest)]
+        return [s for s in reversed(self.sources) if _feeds(s, dest, self.parallel)]
 
     @cached_property
     def edges(self) -> tuple[Edge, ...]:
@@ -235,8 +247,10 @@ class CircuitGraph:
 
     @property
     def shape(self) -> GraphShape:
-        """What determines the graph completely: layers, heads, attention-only, positions."""
-        return (self.n_layers, self.n_heads, bool(self.attn_only), self.n_positions)
+        """What determines the graph completely: layers, heads, attention-only, positions,
+        parallel blocks."""
+        return (self.n_layers, self.n_heads, bool(self.attn_only), self.n_positions,
+                self.parallel)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CircuitGraph):
@@ -252,5 +266,6 @@ class CircuitGraph:
     def __repr__(self) -> str:
         pos = "" if self.n_positions is None else f", n_positions={self.n_positions}"
         mlp = ", attn_only=True" if self.attn_only else ""
+        mlp += ", parallel=True" if self.parallel else ""
         return (f"CircuitGraph(n_layers={self.n_layers}, n_heads={self.n_heads}{mlp}{pos}; "
                 f"{len(self)} edges)")

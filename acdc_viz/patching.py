@@ -46,8 +46,14 @@ first position), so the causal-prefix cache holds rotated keys, as the plain for
 records them; values never rotate. Where Hugging Face takes the attention softmax (or, for GPT-J,
 the scores) in float32 inside a float64 model (``TransformerWeights.softmax_dtype`` and
 ``scores_dtype``), a pass does too, with the adapter's eager attention; other models keep
-``scaled_dot_product_attention``. Grouped-query attention and parallel blocks are refused for
-now (issue 13).
+``scaled_dot_product_attention``. Grouped-query attention is refused for now (issue 13).
+
+**Parallel blocks** (GPT-NeoX/Pythia with the MLP's own norm, Phi with the attention's norm):
+the MLP reads the block's input stream, not ``resid_mid``, so ``MLP{l}`` has no edges from
+``A{l}.*`` (``CircuitGraph(parallel=True)``) and its corrections come only from sources below the
+block. A pass takes the MLP's input before the attention adds its heads to the stream; a pass
+that starts at the MLP stage builds it from the cached ``resid_pre`` (every source it reads is
+below the start, so clean) and keeps ``resid_mid`` as the stream that the layers above read.
 
 **Where the code is.** ``acdc_viz.removed_edges`` keeps the circuit: masks, host-side counts and
 destination groups. ``acdc_viz.pass_inputs`` builds destinations' inputs from the stream and
@@ -105,24 +111,33 @@ class CircuitRunner:
         of removed edges."""
         if ablation not in ABLATIONS:
             raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
-        # The partial passes (forward_pass, pass_inputs) do not share key/value heads or feed a
-        # parallel MLP the block's input yet: refuse rather than run wrong or approximately.
-        # (Rotary embeddings, Hugging Face's float32 attention, gated MLPs, zero biases,
-        # embedding scales and norm variants are applied exactly.)
-        pending = [feature for feature, present in (
-            (f"grouped-query attention ({weights.n_kv_heads} key/value heads for "
-             f"{weights.n_heads} query heads)", weights.kv_group is not None),
-            ("parallel attention and MLP blocks", weights.parallel and not weights.attn_only),
-        ) if present]
-        if pending:
+        # The partial passes (forward_pass, pass_inputs) do not share key/value heads yet:
+        # refuse rather than run wrong or approximately. (Rotary embeddings, Hugging Face's
+        # float32 attention, gated MLPs, parallel blocks, zero biases, embedding scales and
+        # norm variants are applied exactly.)
+        if weights.kv_group is not None:
             raise ModelSupportError(
                 "acdc_viz's adapter reads this model exactly, but the ACDC engine's support for "
-                + " and ".join(pending) + " is the next step of issue 13 (its partial forward "
-                "passes do not apply them yet, so a circuit found now would be wrong). "
-                "Models without these features (GPT-2 style; rotary models such as Llama or "
-                "OLMo with as many key/value heads as query heads, GPT-NeoX with sequential "
-                "blocks) run today."
+                f"grouped-query attention ({weights.n_kv_heads} key/value heads for "
+                f"{weights.n_heads} query heads) is the next step of issue 13 (its partial "
+                "forward passes do not apply it yet, so a circuit found now would be wrong). "
+                "Models without it (GPT-2 style; rotary models such as Llama or OLMo with as "
+                "many key/value heads as query heads; GPT-NeoX/Pythia and Phi, with parallel "
+                "or sequential blocks) run today."
             )
+        if weights.scores_dtype is not None:
+            raise ModelSupportError(
+                "this model computes its attention scores in float32 (GPT-J): the engine applies "
+                "that, but it has not been checked against the brute-force reference yet (GPT-J's "
+                "TransformerLens 4 bridge has no per-head hooks to build it on), so acdc_viz "
+                "refuses it rather than risk a wrong circuit (issue 13)."
+            )
+        parallel = weights.parallel and not weights.attn_only
+        if graph.parallel != parallel:
+            raise SettingsError(
+                f"the graph has parallel={graph.parallel} but the model's blocks are "
+                f"{'parallel' if parallel else 'sequential'}: build it with "
+                f"CircuitGraph(..., parallel={parallel})")
         self.weights = weights
         self.graph = graph
         self.last_position_only = last_position_only

@@ -125,3 +125,30 @@ def family(tmp_path_factory):
         return built[name]
 
     return get
+
+
+def assert_engine_equals_reference(bridge, weights, *, tau, ablation, positions,
+                                   hypotheses=(1, 4, None), tolerance=1e-9, label=""):
+    """Run ACDC on ``weights`` for every K in ``hypotheses`` and the brute-force reference on
+    ``bridge``: every step's edge and decision equal, metrics within ``tolerance``, and the
+    circuit mixed (some edges removed, some kept). Returns the traces."""
+    from reference_acdc import reference_acdc
+
+    from acdc_viz import Acdc, TokenPairs
+
+    clean, corrupt = token_pairs(batch=3, pos=4, d_vocab=int(weights.d_vocab))
+    ref = reference_acdc(bridge, clean, corrupt, tau=tau, ablation=ablation, positions=positions)
+    traces = []
+    for k in hypotheses:
+        trace = Acdc(weights, TokenPairs(clean, corrupt), tau=tau, ablation=ablation,
+                     positions=positions, dtype=torch.float64, batch_hypotheses=k).run()
+        assert [(s.edge, s.removed) for s in trace.steps] == [(r.edge, r.removed) for r in ref]
+        worst = max(max(abs(s.metric_before - r.metric_before),
+                        abs(s.metric_after - r.metric_after))
+                    for s, r in zip(trace.steps, ref, strict=True))
+        print(f"{label} {ablation} positions={positions} K={k}: {len(ref)} edges, "
+              f"{sum(r.removed for r in ref)} removed, max |metric - reference| = {worst:.3g}")
+        assert worst <= tolerance
+        traces.append(trace)
+    assert 0 < sum(r.removed for r in ref) < len(ref), "tau should give a mixed circuit"
+    return traces

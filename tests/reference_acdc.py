@@ -48,6 +48,13 @@ Same for k/v.  Head outputs are ``hook_z[..., h, :] @ W_O[l, h]``.
 Both modes: ``blocks.0.hook_resid_pre`` is the Embed source and
 ``ln_final.hook_in`` is the Out destination.
 
+PARALLEL BLOCKS (``cfg.parallel_attn_mlp``, or a ``ParallelBlockBridge``: GPT-NeoX, Phi): the MLP
+reads the block's input, so ``MLP{l}`` has no edges from ``A{l}.*``.  GPT-NeoX's MLP has its own
+norm and ``hook_mlp_in`` (its ln2's input) fires.  Phi's MLP reads the attention's ln1 output and
+``hook_mlp_in`` never fires; with the split inputs on, the heads read their own copies, so
+``blocks.{l}.ln1.hook_in`` feeds only the MLP (measured: editing it changes ``mlp.hook_out`` and
+leaves ``attn.hook_result`` and the residual unchanged) and is the MLP destination there.
+
 NOTE: a freshly built HF model is in train mode (dropout 0.1!).  The reference
 temporarily switches the bridge to eval mode (and restores the per-module
 training flags and the hook flags afterwards) so results are deterministic.
@@ -105,13 +112,20 @@ def _sources_before(
     return out
 
 
-def _destinations(n_layers: int, n_heads: int, attn_only: bool) -> list[tuple[str, list[str]]]:
-    """(destination, its sources in visit order), destinations in visit order."""
+def _destinations(
+    n_layers: int, n_heads: int, attn_only: bool, parallel: bool = False
+) -> list[tuple[str, list[str]]]:
+    """(destination, its sources in visit order), destinations in visit order.
+
+    With ``parallel`` blocks, MLP{l} reads the block's input: no edge from its layer's heads.
+    """
     dests: list[tuple[str, list[str]]] = [("Out", _sources_before(n_layers, n_heads, attn_only))]
     for layer in reversed(range(n_layers)):
         if not attn_only:
+            own_heads = None if parallel else layer
             dests.append(
-                (f"MLP{layer}", _sources_before(layer, n_heads, attn_only, include_heads_of=layer))
+                (f"MLP{layer}",
+                 _sources_before(layer, n_heads, attn_only, include_heads_of=own_heads))
             )
         for h in reversed(range(n_heads)):
             for x in "qkv":
@@ -120,7 +134,8 @@ def _destinations(n_layers: int, n_heads: int, attn_only: bool) -> list[tuple[st
 
 
 def reference_edge_names(
-    n_layers: int, n_heads: int, attn_only: bool, n_positions: int | None = None
+    n_layers: int, n_heads: int, attn_only: bool, n_positions: int | None = None,
+    parallel: bool = False,
 ) -> list[str]:
     """All edges in ACDC visit order.
 
@@ -128,7 +143,7 @@ def reference_edge_names(
     expands to ``src->dest@p`` for p = n_positions-1 .. 0, consecutively.
     """
     names: list[str] = []
-    for dest, srcs in _destinations(n_layers, n_heads, attn_only):
+    for dest, srcs in _destinations(n_layers, n_heads, attn_only, parallel):
         for src in srcs:
             if n_positions is None:
                 names.append(f"{src}->{dest}")
@@ -171,6 +186,8 @@ class _Info(NamedTuple):
     W_V: torch.Tensor | None
     W_O: torch.Tensor | None  # native mode only: (layers, heads, d_head, d_model)
     out_hook: str  # where the Out destination's input is patched
+    parallel: bool = False  # parallel attention + MLP blocks
+    mlp_hook: str = "hook_mlp_in"  # blocks.{l}.<this>: where the MLP destination is patched
 
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -211,7 +228,16 @@ def _prepared(bridge) -> Iterator[_Info]:
         # last block's hook_resid_post feeds only ln_final.
         out_hook = ("ln_final.hook_in" if "ln_final.hook_in" in bridge.hook_dict
                     else f"blocks.{int(cfg.n_layers) - 1}.hook_resid_post")
-        yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws, out_hook)
+        block = type(getattr(bridge, "blocks", [None])[0]).__name__
+        parallel = not attn_only and (bool(getattr(cfg, "parallel_attn_mlp", False))
+                                      or block == "ParallelBlockBridge")
+        # A parallel block whose MLP shares ln1 (Phi) has no ln2: hook_mlp_in never fires there.
+        mlp_hook = ("ln1.hook_in" if parallel and "blocks.0.ln2.hook_in" not in bridge.hook_dict
+                    else "hook_mlp_in")
+        if parallel and mode != "split":
+            raise NotImplementedError("reference_acdc: parallel blocks need the split inputs")
+        yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws, out_hook,
+                    parallel, mlp_hook)
     finally:
         for f, v in old_flags.items():
             cur = bool(getattr(cfg, f, False))
@@ -306,7 +332,7 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
             def patch_mlp(x, hook, es=by_dest[f"MLP{layer}"]):
                 return x + _correction(es, current, ablated, x)
 
-            hooks.append((f"blocks.{layer}.hook_mlp_in", patch_mlp))
+            hooks.append((f"blocks.{layer}.{info.mlp_hook}", patch_mlp))
         for x_kind in "qkv":
             per_head = {
                 h: by_dest[f"A{layer}.{h}.{x_kind}"]
@@ -346,7 +372,8 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
 
 
 def _validate(edges: list[_Edge], info: _Info, seq: int) -> None:
-    valid = set(reference_edge_names(info.n_layers, info.n_heads, info.attn_only))
+    valid = set(reference_edge_names(info.n_layers, info.n_heads, info.attn_only,
+                                     parallel=info.parallel))
     for e in edges:
         if f"{e.src}->{e.dest}" not in valid:
             raise ValueError(f"edge {e.src}->{e.dest} is not in the graph")
@@ -451,7 +478,8 @@ def reference_acdc(
         ablated = _ablated_outputs(bridge, info, corrupt, ablation)
         full, _ = _forward(bridge, info, clean, [], None)
         names = reference_edge_names(
-            info.n_layers, info.n_heads, info.attn_only, clean.shape[1] if positions else None
+            info.n_layers, info.n_heads, info.attn_only, clean.shape[1] if positions else None,
+            parallel=info.parallel,
         )
         removed: list[_Edge] = []
 

@@ -4,9 +4,10 @@ For each family the adapter supports, ``from_model(bridge).forward(tokens)`` equ
 own logits in float64: measured 0 to 3e-15 (docs/model-families.md, "Adapter support"), because
 the adapter repeats Hugging Face's float32 steps (RMSNorm, OLMo's LayerNorm, the eager softmax,
 GPT-J's scores, rotary angles). Every family it does not model is refused, naming the feature,
-before any weight is read. The ACDC engine does not run grouped-query or parallel models yet:
+before any weight is read. The ACDC engine does not run grouped-query models yet:
 ``CircuitRunner`` refuses them with a clear message. It runs a gated-MLP model exactly here
-(checked against the brute-force reference); rotary models in tests/test_engine_rotary.py.
+(checked against the brute-force reference); rotary models in tests/test_engine_rotary.py,
+parallel blocks in tests/test_engine_parallel.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from model_families import FAMILIES, KNOWN_BROKEN, VOCAB, FamilyModel, build_lla
 from reference_acdc import reference_acdc
 
 from acdc_viz import Acdc, TokenPairs
-from acdc_viz.errors import ModelSupportError
+from acdc_viz.errors import ModelSupportError, SettingsError
 from acdc_viz.graph import CircuitGraph
 from acdc_viz.models.adapter import Norm, TransformerWeights, from_model
 from acdc_viz.patching import CircuitRunner
@@ -213,9 +214,10 @@ def test_qwen2_without_sliding_window_is_not_refused(family):
     from_model(family("qwen2").bridge)
 
 
-def test_engine_refuses_grouped_and_parallel_models(family):
-    """Until the engine applies them, Acdc and CircuitRunner refuse grouped-query attention and
-    parallel blocks with the reason; rotary embeddings alone run (tests/test_engine_rotary.py)."""
+def test_engine_refuses_grouped_query_models_only(family):
+    """Until the engine applies it, Acdc and CircuitRunner refuse grouped-query attention with
+    the reason; parallel blocks and rotary embeddings run (tests/test_engine_parallel.py,
+    tests/test_engine_rotary.py). Falcon (parallel and multi-query) is refused for its GQA."""
     bridge = family("llama").bridge
     clean, corrupt = token_pairs(batch=2, pos=4, d_vocab=VOCAB)
     with pytest.raises(ModelSupportError) as info:
@@ -223,16 +225,25 @@ def test_engine_refuses_grouped_and_parallel_models(family):
     message = str(info.value)
     assert "reads this model exactly" in message and "next step of issue 13" in message
     assert "grouped-query attention (2 key/value heads for 4 query heads)" in message
-    assert "rotary embeddings" not in message and "parallel" not in message
-    for name in ("gpt_neox", "phi", "gptj"):                 # parallel, multi-head
+    assert "engine's support for parallel" not in message
+    gptj = from_model(family("gptj").bridge)                # float32 scores, not yet checked
+    with pytest.raises(ModelSupportError, match="attention scores in float32"):
+        CircuitRunner(gptj, CircuitGraph(gptj.n_layers, gptj.n_heads, parallel=True), clean,
+                      corrupt)
+    for name in ("gpt_neox", "phi"):                          # parallel, multi-head: they run
         weights = from_model(family(name).bridge)
-        graph = CircuitGraph(weights.n_layers, weights.n_heads)
-        with pytest.raises(ModelSupportError, match="engine's support for parallel attention "
-                           "and MLP blocks is the next step of issue 13"):
-            CircuitRunner(weights, graph, clean, corrupt)
+        assert weights.parallel and weights.kv_group is None
+        CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads, parallel=True),
+                      clean, corrupt)
+        with pytest.raises(SettingsError, match="parallel=True"):      # the graph must agree
+            CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean,
+                          corrupt)
     weights = from_model(family("falcon").bridge)            # parallel and multi-query
-    with pytest.raises(ModelSupportError, match="grouped-query attention .* and parallel"):
-        CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean, corrupt)
+    assert weights.parallel
+    with pytest.raises(ModelSupportError, match="grouped-query attention") as info:
+        CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads, parallel=True),
+                      clean, corrupt)
+    assert "support for parallel" not in str(info.value)
     weights = from_model(family("gpt_neox-sequential").bridge)
     CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean, corrupt)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import token_pairs
+from conftest import assert_engine_equals_reference, token_pairs
 from model_families import ROPE_SCALING, VOCAB, build_gemma, build_llama
 from reference_acdc import reference_acdc
 
@@ -82,22 +82,9 @@ def test_engine_equals_reference_on_rotary_models(rotary_model, name, ablation, 
     """Every step (edge, decision, metrics) equals the brute-force reference's, for K = 1, 4
     and the adaptive K."""
     bridge, weights = rotary_model(name)
-    clean, corrupt = token_pairs(batch=3, pos=4, d_vocab=VOCAB)
-    ref = reference_acdc(bridge, clean, corrupt, tau=TAU, ablation=ablation, positions=positions)
-    for hypotheses in HYPOTHESES:
-        trace = Acdc(weights, TokenPairs(clean, corrupt), tau=TAU, ablation=ablation,
-                     positions=positions, dtype=torch.float64,
-                     batch_hypotheses=hypotheses).run()
-        assert [(s.edge, s.removed) for s in trace.steps] == [(r.edge, r.removed) for r in ref]
-        worst = max(max(abs(s.metric_before - r.metric_before),
-                        abs(s.metric_after - r.metric_after))
-                    for s, r in zip(trace.steps, ref, strict=True))
-        print(f"{name} {ablation} positions={positions} K={hypotheses}: "
-              f"max |metric - reference| = {worst:.3g}")
-        assert worst <= METRIC_TOLERANCE
-    removed = sum(r.removed for r in ref)
-    assert 0 < removed < len(ref), "tau should give a mixed circuit"
-
+    assert_engine_equals_reference(bridge, weights, tau=TAU, ablation=ablation,
+                                   positions=positions, hypotheses=HYPOTHESES,
+                                   tolerance=METRIC_TOLERANCE, label=name)
 
 def test_all_positions_metric_on_a_rotary_model(rotary_model):
     """The metric over every position (the causal prefix's logits come from the cache)."""
