@@ -324,16 +324,14 @@ def main() -> None:
         decisions = res.pop("decisions_prefix")
         report["modes"][mode] = res
         emit()
+        def k1_run(positions: bool = positions) -> Acdc:
+            """A fresh run of this mode with one hypothesis per pass (the reference decisions)."""
+            return Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev,
+                        batch_hypotheses=1)
+
         if args.check_edges > 0:
             check = walk(
-                Acdc(
-                    weights,
-                    pairs,
-                    tau=args.tau,
-                    positions=positions,
-                    device=dev,
-                    batch_hypotheses=1,
-                ),
+                k1_run(),
                 0,
                 1e9 if args.tiny else 60.0,
                 dev,
@@ -349,22 +347,10 @@ def main() -> None:
             }
             emit()
         if args.k1_seconds > 0 and res["k"] > 1:
-            start = next(
-                i
-                for i, e in enumerate(
-                    Acdc(weights, pairs, tau=args.tau, positions=positions, device=dev).graph.edges
-                )
-                if e.dest.kind in "qkv"
-            )
+            run = k1_run()
+            start = next(i for i, e in enumerate(run.graph.edges) if e.dest.kind in "qkv")
             k1 = walk(
-                Acdc(
-                    weights,
-                    pairs,
-                    tau=args.tau,
-                    positions=positions,
-                    device=dev,
-                    batch_hypotheses=1,
-                ),
+                run,
                 start,
                 args.k1_seconds,
                 dev,
