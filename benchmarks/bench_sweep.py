@@ -82,20 +82,10 @@ def main() -> None:
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level="ERROR")
     init_s = time.perf_counter() - start
     try:
-        cold_s, cold = _timed_sweep(
-            args.task,
-            args.taus,
-            executor="ray",
-            num_cpus=args.cpus_per_task,
-            positions=args.positions,
-        )
-        warm_s, warm = _timed_sweep(
-            args.task,
-            args.taus,
-            executor="ray",
-            num_cpus=args.cpus_per_task,
-            positions=args.positions,
-        )
+        ray_options = {"executor": "ray", "num_cpus": args.cpus_per_task,
+                       "positions": args.positions}
+        cold_s, cold = _timed_sweep(args.task, args.taus, **ray_options)   # workers start
+        warm_s, warm = _timed_sweep(args.task, args.taus, **ray_options)   # workers reused
         overhead = _ray_task_overhead(ray, args.noop_tasks)
     finally:
         ray.shutdown()
