@@ -486,8 +486,8 @@ def update_figure(
     shape = trace.graph.shape
     if meta is not None and tuple(meta["graph"]) != shape:
         raise ValueError(f"this figure shows a graph of shape {tuple(meta['graph'])} (n_layers, "
-                         f"n_heads, attn_only, n_positions); the trace's is {shape}: build a new "
-                         "figure with build_figure")
+                         f"n_heads, attn_only, n_positions, parallel); the trace's is {shape}: "
+                         "build a new figure with build_figure")
     layout = check_layout(layout or (meta["layout"] if meta else "seq"))
     geo = _geometry(shape, layout)
     state = step_state(trace, step)

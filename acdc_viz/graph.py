@@ -37,8 +37,7 @@ SourceKind = Literal["embed", "head", "mlp"]
 DestKind = Literal["q", "k", "v", "mlp", "out"]
 NodeKind = Literal["embed", "head", "mlp", "out"]
 GraphShape = tuple[int, int, bool, int | None, bool]
-"""``(n_layers, n_heads, attn_only, n_positions, parallel)``: what determines a ``CircuitGraph``.
-``from_shape`` also takes the four-element form of older callers (``parallel`` False)."""
+"""``(n_layers, n_heads, attn_only, n_positions, parallel)``: what determines a ``CircuitGraph``."""
 QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
 
 
@@ -174,10 +173,9 @@ class CircuitGraph:
                    parallel=bool(getattr(cfg, "parallel_attn_mlp", False)))
 
     @classmethod
-    def from_shape(cls, shape: GraphShape | tuple[int, int, bool, int | None]) -> CircuitGraph:
+    def from_shape(cls, shape: GraphShape) -> CircuitGraph:
         """The graph of a ``CircuitGraph.shape`` (caches key on the shape, not on a graph)."""
-        n_layers, n_heads, attn_only, n_positions = shape[:4]
-        parallel = bool(shape[4]) if len(shape) > 4 else False
+        n_layers, n_heads, attn_only, n_positions, parallel = shape
         return cls(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions,
                    parallel=parallel)
 

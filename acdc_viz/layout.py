@@ -122,7 +122,7 @@ def port_positions(graph: CircuitGraph, layout: str = "seq") -> dict[str, Point]
 def _cached_layout(shape: GraphShape, name: str) -> Layout:
     """The layout of the graph of ``shape``: one column's cell, tiled once per position."""
     graph = CircuitGraph.from_shape(shape)
-    n_layers, n_heads, attn_only, n_positions = shape[:4]
+    n_layers, n_heads, attn_only, n_positions, _parallel = shape
     n_cols = 1 if n_positions is None else n_positions
     if name == "seq":
         base, spacing = _seq_cell(graph)
