@@ -23,8 +23,7 @@ from acdc_viz.data import TokenPairs, data_hash
 from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
 from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
-from acdc_viz.models.adapter import TransformerWeights, from_model, model_config
-from acdc_viz.models.adapter import config_hash as hash_config
+from acdc_viz.models.adapter import TransformerWeights, from_model, model_config, model_hash
 from acdc_viz.patching import ABLATIONS, CircuitRunner
 from acdc_viz.runtime import (
     display_name,
@@ -146,12 +145,10 @@ class Acdc:
         self.model = None if isinstance(model, TransformerWeights) else model
         if isinstance(model, TransformerWeights):
             weights = model
-            own_hash = "weights"
         else:
             pairs.check_vocab(int(model_config(model).d_vocab))
             check_tokens = pairs.clean[: min(4, pairs.batch_size)].to(model_device(model))
             weights = from_model(model, check_tokens)
-            own_hash = hash_config(model.cfg)
         if positions and pairs.seq_len > weights.n_ctx:
             raise SettingsError(f"prompts of {pairs.seq_len} tokens exceed the model's context "
                                 f"of {weights.n_ctx}")
@@ -184,7 +181,7 @@ class Acdc:
         self.trace = Trace(
             settings={
                 "model": {"name": display_name(model, model_name),
-                          "config_hash": config_hash if config_hash is not None else own_hash,
+                          "config_hash": model_hash(model) if config_hash is None else config_hash,
                           "n_layers": weights.n_layers,
                           "n_heads": weights.n_heads, "d_model": int(weights.W_E.shape[1]),
                           "attn_only": weights.attn_only, "causal": weights.causal},

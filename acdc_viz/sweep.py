@@ -42,7 +42,7 @@ from acdc_viz.data import TokenPairs, data_hash
 from acdc_viz.errors import AcdcVizError, DataError, ModelSupportError, SettingsError, describe
 from acdc_viz.files import write_json_atomic
 from acdc_viz.metrics import Metric, resolve_metric
-from acdc_viz.models.adapter import TransformerWeights, config_hash, from_model, model_config
+from acdc_viz.models.adapter import TransformerWeights, from_model, model_config, model_hash
 from acdc_viz.patching import ABLATIONS
 from acdc_viz.runtime import (
     display_name,
@@ -304,13 +304,8 @@ def _task_problem(prepared: PreparedTask, positions: bool) -> _Problem:
     """A prepared task as a sweep's problem (its canonical circuit with or without positions)."""
     task = prepared.task
     return _Problem(task.name, prepared.model, prepared.pairs, prepared.metrics, prepared.tokens,
-                    _model_hash(prepared.model), data_hash(prepared.pairs),
+                    model_hash(prepared.model), data_hash(prepared.pairs),
                     prepared.canonical(positions), task.default_metric, task.default_ablation)
-
-
-def _model_hash(model: Any) -> str:
-    """The config hash ``Acdc`` records for ``model`` (a resumed trace must have the same)."""
-    return "weights" if isinstance(model, TransformerWeights) else config_hash(model_config(model))
 
 
 def _problems(model_or_task: Any, pairs: Any, *, device: str, prompts: int | None, seed: int,
@@ -342,7 +337,7 @@ def _problems(model_or_task: Any, pairs: Any, *, device: str, prompts: int | Non
     if not isinstance(model, TransformerWeights):
         pairs.check_vocab(int(model_config(model).d_vocab))
     return [_Problem(display_name(model, model_name), model, pairs, {"kl": "kl", "mse": "mse"},
-                     tokens, _model_hash(model), data_hash(pairs))]
+                     tokens, model_hash(model), data_hash(pairs))]
 
 
 def _metric_keys(problem: _Problem, metric: Any) -> list[str]:

@@ -540,3 +540,11 @@ def config_hash(cfg: Any) -> str:
             "normalization_type", "attn_only", "positional_embedding_type", "attention_dir")
     blob = json.dumps({k: str(getattr(cfg, k, None)) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_hash(model: Any) -> str:
+    """The config hash a trace records for ``model``: ``config_hash`` of its config, or
+    ``"weights"`` for bare ``TransformerWeights`` (a resumed trace must have the same)."""
+    if isinstance(model, TransformerWeights):
+        return "weights"
+    return config_hash(model_config(model))
