@@ -21,7 +21,7 @@ import torch
 
 from acdc_viz.data import TokenPairs, data_hash
 from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
-from acdc_viz.graph import CircuitGraph, Edge
+from acdc_viz.graph import Edge
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, from_model, model_config, model_hash
 from acdc_viz.patching import ABLATIONS, CircuitRunner
@@ -153,10 +153,7 @@ class Acdc:
             raise SettingsError(f"prompts of {pairs.seq_len} tokens exceed the model's context "
                                 f"of {weights.n_ctx}")
         self.weights = weights.to(self.device, self.dtype)
-        self.graph = CircuitGraph(
-            weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
-            n_positions=pairs.seq_len if positions else None, parallel=weights.parallel,
-        )
+        self.graph = weights.circuit_graph(pairs.seq_len if positions else None)
         self.ablation = ablation
         self.test_mode = test_mode
         if test_mode and self.model is None:

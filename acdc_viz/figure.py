@@ -251,8 +251,9 @@ def _port_links(shape: GraphShape, causal: bool) -> _PortLinks:
             else:
                 targets = [t for t in split if t >= p or not causal]
             for t in targets:
-                link_from.append(vid)
-                link_to.append(node_index[node_key(dest.node, t)])
+                for node in graph.reading_nodes(dest):
+                    link_from.append(vid)
+                    link_to.append(node_index[node_key(node, t)])
     edge_port = np.fromiter(
         (ports.get(node_key(e.dest.name, e.position),
                    node_index.get(node_key(e.dest.node, e.position), -1))
@@ -273,7 +274,8 @@ class _Geometry:
     mid_x: np.ndarray
     mid_y: np.ndarray
     src: np.ndarray  # node index of each edge's source
-    dst: np.ndarray  # node index of each edge's destination node
+    dst_edge: np.ndarray  # (edge, node that reads it) pairs: an edge into a KV group's k or v
+    dst_node: np.ndarray  # is read by each head of the group, any other edge by one node
     node_keys: tuple[str, ...]
     node_index: dict[str, int]
     node_x: np.ndarray
@@ -281,6 +283,7 @@ class _Geometry:
     node_kind: tuple[str, ...]
     node_static_hover: tuple[str, ...]
     port_names: tuple[str, ...]
+    port_text: tuple[str, ...]
     port_x: np.ndarray
     port_y: np.ndarray
 
@@ -295,8 +298,10 @@ def _geometry(shape: GraphShape, layout_name: str) -> _Geometry:
     edges = graph.edges
     src = np.fromiter((node_index[node_key(e.src.name, e.position)] for e in edges),
                       dtype=np.int64, count=len(edges))
-    dst = np.fromiter((node_index[node_key(e.dest.node, e.position)] for e in edges),
-                      dtype=np.int64, count=len(edges))
+    pairs = [(i, node_index[node_key(node, e.position)])
+             for i, e in enumerate(edges) for node in graph.reading_nodes(e.dest)]
+    dst_edge, dst_node = (np.array(column, dtype=np.int64)
+                          for column in (zip(*pairs, strict=True) if pairs else ((), ())))
     p0 = np.array([lay.nodes[k] for k in node_keys], dtype=float).reshape(-1, 2)
     end = np.array([lay.ports[node_key(e.dest.name, e.position)] for e in edges],
                    dtype=float).reshape(-1, 2)
@@ -306,12 +311,25 @@ def _geometry(shape: GraphShape, layout_name: str) -> _Geometry:
     static_hover = tuple(_node_static_hover(n) for n in graph.nodes)
     port_names = tuple(k for k in lay.ports if k.split("@")[0].rsplit(".", 1)[-1] in _PORT_TEXT)
     ports = np.array([lay.ports[k] for k in port_names], dtype=float).reshape(-1, 2)
-    for arr in (ex, ey, mid_x, mid_y, src, dst, p0, ports):
+    for arr in (ex, ey, mid_x, mid_y, src, dst_edge, dst_node, p0, ports):
         arr.setflags(write=False)
-    return _Geometry(lay, tuple(e.name for e in edges), ex, ey, mid_x, mid_y, src, dst,
-                     node_keys, node_index, p0[:, 0], p0[:, 1],
+    return _Geometry(lay, tuple(e.name for e in edges), ex, ey, mid_x, mid_y, src, dst_edge,
+                     dst_node, node_keys, node_index, p0[:, 0], p0[:, 1],
                      tuple(n.kind for n in graph.nodes), static_hover, port_names,
-                     ports[:, 0], ports[:, 1])
+                     _port_texts(graph, port_names), ports[:, 0], ports[:, 1])
+
+
+def _port_texts(graph: CircuitGraph, port_names: tuple[str, ...]) -> tuple[str, ...]:
+    """Each port's hover text: which input of which head (or of which KV group's heads)."""
+    dests = {d.name: d for d in graph.destinations}
+    texts = []
+    for port in port_names:
+        dest = dests[port.split("@")[0]]
+        readers = ", ".join(graph.reading_nodes(dest))
+        owner = (dest.node if dest.head is not None
+                 else f"KV group {dest.group} of layer {dest.layer}, shared by {readers}")
+        texts.append(f"<b>{port}</b><br>{_PORT_TEXT[dest.kind]} input of {owner}")
+    return tuple(texts)
 
 
 def _curves(start: np.ndarray, end: np.ndarray, lay: Layout,
@@ -486,8 +504,8 @@ def update_figure(
     shape = trace.graph.shape
     if meta is not None and tuple(meta["graph"]) != shape:
         raise ValueError(f"this figure shows a graph of shape {tuple(meta['graph'])} (n_layers, "
-                         f"n_heads, attn_only, n_positions, parallel); the trace's is {shape}: "
-                         "build a new figure with build_figure")
+                         f"n_heads, attn_only, n_positions, parallel, n_kv_heads); the trace's is "
+                         f"{shape}: build a new figure with build_figure")
     layout = check_layout(layout or (meta["layout"] if meta else "seq"))
     geo = _geometry(shape, layout)
     state = step_state(trace, step)
@@ -566,14 +584,12 @@ def _hover_data(trace: Trace, geo: _Geometry, state: StepState, idx: np.ndarray)
     n = len(geo.edge_names)
     names = geo.edge_names
     edge_text = [f"<b>{names[i]}</b><br>{_decision(state, i, n)}" for i in idx.tolist()]
-    port_text = [f"<b>{p}</b><br>{_PORT_TEXT[p.split('@')[0].rsplit('.', 1)[1]]} input of "
-                 f"{p.split('@')[0].rsplit('.', 1)[0]}" for p in geo.port_names]
     size = _port_size(geo)
     n_ports = len(geo.port_names)
     return {
         "x": np.concatenate([geo.port_x, geo.mid_x[idx]]),
         "y": np.concatenate([geo.port_y, geo.mid_y[idx]]),
-        "hovertext": port_text + edge_text,
+        "hovertext": list(geo.port_text) + edge_text,
         "customdata": list(geo.port_names) + [names[i] for i in idx.tolist()],
         "marker": {"size": np.concatenate([np.full(n_ports, size), np.full(len(idx), 9.0)]),
                    "opacity": np.concatenate([np.ones(n_ports), np.zeros(len(idx))])},
@@ -585,7 +601,7 @@ def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] |
     """The node markers: greyed when no kept edge touches them, dimmed off a highlighted path."""
     kept = state.kept
     n_nodes = len(geo.node_keys)
-    deg_in = np.bincount(geo.dst[kept], minlength=n_nodes)
+    deg_in = np.bincount(geo.dst_node[kept[geo.dst_edge]], minlength=n_nodes)
     deg_out = np.bincount(geo.src[kept], minlength=n_nodes)
     kinds = geo.node_kind
     alive = np.where(np.array([k == "embed" for k in kinds]), deg_out > 0,
@@ -598,7 +614,7 @@ def _node_data(trace: Trace, geo: _Geometry, state: StepState, paths: set[str] |
     if paths is not None:
         on = np.zeros(n_nodes, dtype=bool)
         on[geo.src[path_idx]] = True
-        on[geo.dst[path_idx]] = True
+        on[geo.dst_node[np.isin(geo.dst_edge, path_idx)]] = True
         opacity = np.where(on, 1.0, 0.35)
         line_width = np.where(on, 2.0, 1.0)
     tokens = trace.tokens

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from acdc_viz.graph import CircuitGraph, Edge
+from acdc_viz.graph import QKV, CircuitGraph, Edge
 from acdc_viz.models.adapter import TransformerWeights
 from acdc_viz.pass_inputs import (
     Activations,
@@ -44,7 +44,7 @@ class FullRun(NamedTuple):
     resid_pre: list[torch.Tensor]         # per layer (batch, pos, d)
     resid_mid: list[torch.Tensor]
     resid_final: torch.Tensor
-    kv: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (batch, heads, pos, d_head)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (batch, kv heads, pos, d_head)
     logits: torch.Tensor
 
 
@@ -105,10 +105,13 @@ class PassRunner:
 
     def __init__(self, weights: TransformerWeights, graph: CircuitGraph, edges: RemovedEdges,
                  acts: Activations, batch: int, seq_len: int, last_position_only: bool) -> None:
+        """Index the sources of each layer and set up the input builder and work buffers."""
         self.weights, self.edges, self.acts = weights, edges, acts
         self.batch, self.seq_len = batch, seq_len
         self.last_position_only = last_position_only
         self.n_layers, self.n_heads = weights.n_layers, weights.n_heads
+        self.n_kv_heads = weights.n_kv_heads
+        self.group_of = weights.kv_group or tuple(range(self.n_heads))  # a head's key/value head
         self.n_sources = len(graph.sources)
         self.first_head = [graph.sources.index(next(s for s in graph.sources if s.layer == layer))
                            for layer in range(self.n_layers)]
@@ -164,9 +167,9 @@ class PassRunner:
         """A hypothesis of a stashed pass is the current circuit: cache its keys, values, logits."""
         rows = slice(hypothesis * self.batch, (hypothesis + 1) * self.batch)
         for layer, parts in (state.stash or {}).items():
-            for heads, k, v, per_hypothesis in parts:
+            for units, k, v, per_hypothesis in parts:
                 for cached, new in zip(self.acts.kv_current[layer], (k, v), strict=True):
-                    cached[:, heads, state.first_pos:] = new[rows] if per_hypothesis else new
+                    cached[:, units, state.first_pos:] = new[rows] if per_hypothesis else new
         if state.logits is not None:
             logits, per_hypothesis = state.logits
             current = self.acts.logits_current
@@ -176,27 +179,37 @@ class PassRunner:
         """The attention of ``layer``: keys and values at positions >= the pass's ``first_pos``
         (earlier ones from the current circuit's cache), queries and outputs at >= ``query_from``.
         Heads whose q, k and v are the same for all hypotheses are computed once, the others per
-        hypothesis."""
-        layer_weights, n_heads = self.weights.layers[layer], self.n_heads
-        first_row, first_pos = layer * self.edges.row_stride, state.first_pos
+        hypothesis. Keys and values are projected once per key/value head (a KV group's, with
+        grouped-query attention) and repeated for its query heads only at the attention."""
+        layer_weights, n_heads, n_kv = self.weights.layers[layer], self.n_heads, self.n_kv_heads
+        first_pos, group_of = state.first_pos, self.group_of
         inp = self.inputs.inputs(state, (layer, "qkv"), self.first_head[layer], first_pos)
-        dep_heads = sorted({(r - first_row) % n_heads
-                            for r in range(first_row, first_row + 3 * n_heads)
-                            if inp.kind(r) in ("plain_dep", "own_dep")})
+        rows = {letter: self.edges.letter_rows(layer, letter) for letter in QKV}
+
+        def differs(letter: str) -> set[int]:
+            return {unit for unit, row in enumerate(rows[letter])
+                    if inp.kind(row) in ("plain_dep", "own_dep")}
+
+        dep_groups = differs("k") | differs("v")
+        dep_heads = sorted(differs("q") | {h for h in range(n_heads) if group_of[h] in dep_groups})
         shared_heads = [h for h in range(n_heads) if h not in dep_heads]
+        kv_of = {False: sorted({group_of[h] for h in shared_heads}),   # key/value heads read
+                 True: sorted({group_of[h] for h in dep_heads})}
+        units = {"q": (range(n_heads), dep_heads), "k": (range(n_kv), kv_of[True]),
+                 "v": (range(n_kv), kv_of[True])}
         biases = self.weights.qkv_biases(layer, query_from, first_pos, self.seq_len)
         weights = (layer_weights.W_Q, layer_weights.W_K, layer_weights.W_V)
         # q's rows are positions query_from.., k's and v's first_pos..; only q and k rotate.
         rotate = (self._rotation(query_from), self._rotation(first_pos), None)
         shared, dependent = [], []
-        for letter, (W, b) in enumerate(zip(weights, biases, strict=True)):
-            positions = slice(query_from - first_pos, None) if letter == 0 else slice(None)
-            rows = [first_row + letter * n_heads + h for h in range(n_heads)]
-            args = (state, layer_weights.ln1, W, b, positions, inp, rows, rotate[letter])
-            out = self._project(*args, range(n_heads), per_hypothesis=False, shared=None)
+        for i, (letter, W, b) in enumerate(zip(QKV, weights, biases, strict=True)):
+            positions = slice(query_from - first_pos, None) if letter == "q" else slice(None)
+            args = (state, layer_weights.ln1, W, b, positions, inp, rows[letter], rotate[i])
+            every, dep_units = units[letter]
+            out = self._project(*args, every, per_hypothesis=False, shared=None)
             shared.append(out)
             if dep_heads:
-                dependent.append(self._project(*args, dep_heads, per_hypothesis=True, shared=out))
+                dependent.append(self._project(*args, dep_units, per_hypothesis=True, shared=out))
 
         shared_out: torch.Tensor | None = None
         dependent_out: Callable[[], torch.Tensor] | None = None
@@ -204,16 +217,20 @@ class PassRunner:
                                            (dep_heads, dependent, True)):
             if not heads:
                 continue
-            head_index = self.index(heads)
+            head_index, kv_units = self.index(heads), kv_of[per_hypothesis]
+            kv_index = self.index(kv_units)
             q, k, v = qkv
             assert q is not None and k is not None and v is not None
-            if not per_hypothesis and len(heads) < n_heads:
-                q, k, v = q[:, head_index], k[:, head_index], v[:, head_index]
+            if not per_hypothesis:      # the shared projections hold every head; keep these
+                q = q if len(heads) == n_heads else q[:, head_index]
+                if len(kv_units) < n_kv:
+                    k, v = k[:, kv_index], v[:, kv_index]
             if state.stash is not None:
-                stashed = StashedKV(head_index, k, v, per_hypothesis)
-                state.stash.setdefault(layer, []).append(stashed)
-            heads_out = partial(self._heads_out, state, layer, head_index, q, k, v,
-                                n_hypotheses=state.n_hypotheses if per_hypothesis else 1,
+                state.stash.setdefault(layer, []).append(StashedKV(kv_index, k, v,
+                                                                   per_hypothesis))
+            kv_slots = [kv_units.index(group_of[h]) for h in heads]
+            heads_out = partial(self._heads_out, state, layer, head_index, kv_index, kv_slots,
+                                q, k, v, n_hypotheses=state.n_hypotheses if per_hypothesis else 1,
                                 query_from=query_from)
             if per_hypothesis:
                 dependent_out = heads_out
@@ -233,14 +250,19 @@ class PassRunner:
         return partial(rotary.rotate, start=start, seq_len=self.seq_len)
 
     def _heads_out(self, state: PassState, layer: int, head_index: slice | torch.Tensor,
-                   q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_hypotheses: int,
+                   kv_index: slice | torch.Tensor, kv_slots: list[int], q: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor, *, n_hypotheses: int,
                    query_from: int) -> torch.Tensor:
-        """The heads' outputs (heads, n * batch, positions >= query_from, d) from q, k, v."""
+        """The heads' outputs (heads, n * batch, positions >= query_from, d) from q (one per
+        head) and k, v (one per key/value head of ``kv_index``; head i reads ``kv_slots[i]``)."""
         layer_weights, first_pos = self.weights.layers[layer], state.first_pos
         if first_pos > 0:
-            prefix_k, prefix_v = (t[:, head_index, :first_pos].repeat(n_hypotheses, 1, 1, 1)
+            prefix_k, prefix_v = (t[:, kv_index, :first_pos].repeat(n_hypotheses, 1, 1, 1)
                                   for t in self.acts.kv_current[layer])
             k, v = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
+        if kv_slots != list(range(k.shape[1])):          # grouped-query: one copy per head
+            slots = self.index(kv_slots)
+            k, v = k[:, slots], v[:, slots]
         scale = 1.0 / layer_weights.attn_scale
         if self.weights.softmax_dtype is not None or self.weights.scores_dtype is not None:
             # Hugging Face's eager attention with its float32 steps, as the clean run computes

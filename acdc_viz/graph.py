@@ -11,6 +11,9 @@ Names (used in traces, hover texts, the CLI and tests):
 
 - sources: ``Embed``, ``A{l}.{h}`` (head output), ``MLP{l}`` (MLP output);
 - destinations: ``A{l}.{h}.q|k|v``, ``MLP{l}`` (MLP input), ``Out`` (final residual stream);
+  with grouped- or multi-query attention the key and value inputs belong to the KV group that
+  query heads share: ``A{l}.kv{g}.k|v`` (group g serves heads g*r .. g*r + r - 1, r = n_heads /
+  n_kv_heads), while queries stay ``A{l}.{h}.q``;
 - edges: ``{src}->{dest}``, plus ``@{position}`` when the graph is split by token position.
 
 The visit order (``CircuitGraph.edges``) is the order in which ACDC tests the edges. It is
@@ -18,7 +21,8 @@ deterministic and goes from the output towards the input, which is what makes ea
 one partial forward pass (nothing below the destination under test has been changed yet):
 
 1. destinations: ``Out``; then for each layer from last to first, ``MLP{l}``, then the heads
-   from last to first, each with its ``q``, ``k`` and ``v`` inputs;
+   from last to first, each with its ``q``, ``k`` and ``v`` inputs (grouped-query: the KV groups
+   from last to first, each with its heads' ``q`` inputs, last head first, then its ``k``, ``v``);
 2. for each destination, its sources from latest to earliest: in the same layer the MLP before
    the heads, heads from high to low, ``Embed`` last;
 3. with positions, each (source, destination) pair at positions from last to first.
@@ -36,8 +40,9 @@ if TYPE_CHECKING:
 SourceKind = Literal["embed", "head", "mlp"]
 DestKind = Literal["q", "k", "v", "mlp", "out"]
 NodeKind = Literal["embed", "head", "mlp", "out"]
-GraphShape = tuple[int, int, bool, int | None, bool]
-"""``(n_layers, n_heads, attn_only, n_positions, parallel)``: what determines a ``CircuitGraph``."""
+GraphShape = tuple[int, int, bool, int | None, bool, int]
+"""``(n_layers, n_heads, attn_only, n_positions, parallel, n_kv_heads)``: what determines a
+``CircuitGraph``."""
 QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
 
 
@@ -60,7 +65,9 @@ class Source:
 class Destination:
     """Something that reads the residual stream. ``Out`` has layer ``n_layers``.
 
-    ``node`` is the drawn node it belongs to: ``A{l}.{h}`` for a head's q/k/v input.
+    ``node`` is the drawn node it belongs to: ``A{l}.{h}`` for a head's q/k/v input; a KV group's
+    key or value input (``A{l}.kv{g}.k``, ``head`` None, ``group`` g) belongs to no single head:
+    its node is the group's ``A{l}.kv{g}``, and ``heads`` are the query heads that read it.
     """
 
     name: str
@@ -68,6 +75,8 @@ class Destination:
     layer: int
     head: int | None
     node: str
+    group: int | None = None
+    heads: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,11 @@ def _feeds(src: Source, dest: Destination, parallel: bool = False) -> bool:
             and dest.kind == "mlp")
 
 
+def kv_node(layer: int, group: int) -> str:
+    """The name of a KV group's key/value node: ``A{layer}.kv{group}``."""
+    return f"A{layer}.kv{group}"
+
+
 class CircuitGraph:
     """All edges of a model's computational graph, in ACDC's visit order.
 
@@ -127,11 +141,14 @@ class CircuitGraph:
             ``None`` for one edge over all positions.
         parallel: the blocks are parallel (attention and MLP read the same stream, GPT-NeoX,
             Phi): ``MLP{l}`` receives no edge from ``A{l}.*``. The visit order is unchanged.
+        n_kv_heads: key/value heads per block when fewer than ``n_heads`` (grouped- or
+            multi-query attention): the k and v destinations are then per KV group,
+            ``A{l}.kv{g}.k|v``. ``None`` (or ``n_heads``): every head has its own.
     """
 
     def __init__(
         self, n_layers: int, n_heads: int, *, attn_only: bool = False,
-        n_positions: int | None = None, parallel: bool = False,
+        n_positions: int | None = None, parallel: bool = False, n_kv_heads: int | None = None,
     ) -> None:
         """Build the sources and destinations; the edges follow lazily (``edges``)."""
         if n_layers < 1 or n_heads < 1:
@@ -139,11 +156,17 @@ class CircuitGraph:
                              f"{n_heads=}")
         if n_positions is not None and n_positions < 1:
             raise ValueError(f"n_positions must be positive or None, got {n_positions}")
+        n_kv = n_heads if n_kv_heads is None else int(n_kv_heads)
+        if n_kv < 1 or n_heads % n_kv:
+            raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} key/value heads "
+                             "(n_kv_heads must divide n_heads)")
         self.n_layers = n_layers
         self.n_heads = n_heads
         self.attn_only = attn_only
         self.n_positions = n_positions
         self.parallel = bool(parallel) and not attn_only
+        self.n_kv_heads = n_kv
+        group_size = n_heads // n_kv
 
         sources: list[Source] = [Source("Embed", "embed", -1, None, 0)]
         for layer in range(n_layers):
@@ -157,10 +180,25 @@ class CircuitGraph:
         for layer in reversed(range(n_layers)):
             if not attn_only:
                 dests.append(Destination(f"MLP{layer}", "mlp", layer, None, f"MLP{layer}"))
-            for head in reversed(range(n_heads)):
-                node = f"A{layer}.{head}"
-                dests.extend(Destination(f"{node}.{k}", k, layer, head, node) for k in QKV)
+            if not self.grouped:
+                for head in reversed(range(n_heads)):
+                    node = f"A{layer}.{head}"
+                    dests.extend(Destination(f"{node}.{k}", k, layer, head, node, None, (head,))
+                                 for k in QKV)
+                continue
+            for group in reversed(range(n_kv)):
+                heads = tuple(range(group * group_size, (group + 1) * group_size))
+                dests.extend(Destination(f"A{layer}.{h}.q", "q", layer, h, f"A{layer}.{h}", group,
+                                         (h,)) for h in reversed(heads))
+                node = kv_node(layer, group)
+                dests.extend(Destination(f"{node}.{k}", k, layer, None, node, group, heads)
+                             for k in ("k", "v"))
         self.destinations: tuple[Destination, ...] = tuple(dests)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether key and value inputs are per KV group (fewer KV heads than query heads)."""
+        return self.n_kv_heads < self.n_heads
 
     @classmethod
     def from_config(cls, cfg: Any, *, n_positions: int | None = None) -> CircuitGraph:
@@ -168,16 +206,18 @@ class CircuitGraph:
 
         ``parallel`` follows ``cfg.parallel_attn_mlp`` (a TransformerLens 4 bridge of a parallel
         family may leave it unset: build from ``TransformerWeights.parallel`` then)."""
+        n_kv = getattr(cfg, "n_key_value_heads", None)
         return cls(cfg.n_layers, cfg.n_heads, attn_only=bool(getattr(cfg, "attn_only", False)),
                    n_positions=n_positions,
-                   parallel=bool(getattr(cfg, "parallel_attn_mlp", False)))
+                   parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+                   n_kv_heads=int(n_kv) if n_kv else None)
 
     @classmethod
     def from_shape(cls, shape: GraphShape) -> CircuitGraph:
         """The graph of a ``CircuitGraph.shape`` (caches key on the shape, not on a graph)."""
-        n_layers, n_heads, attn_only, n_positions, parallel = shape
+        n_layers, n_heads, attn_only, n_positions, parallel, n_kv_heads = shape
         return cls(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions,
-                   parallel=parallel)
+                   parallel=parallel, n_kv_heads=n_kv_heads)
 
     def sources_of(self, dest: Destination) -> list[Source]:
         """The sources that feed ``dest``, latest first (the visit order)."""
@@ -225,7 +265,9 @@ class CircuitGraph:
         Node keys are ``Node.key`` (``A1.2`` or ``A1.2@5``) with attributes ``kind``, ``layer``,
         ``head`` and ``position``; each graph edge is keyed by the ACDC edge name and carries
         ``port`` (``q``/``k``/``v``/``mlp``/``out``) and ``order`` (its place in the visit order).
-        Parallel edges exist because a head is read through three ports.
+        Parallel edges exist because a head is read through three ports. An edge into a KV group's
+        key or value input (grouped-query attention) appears once per query head that reads it,
+        each copy with the same key and ``group`` set.
         """
         import networkx as nx
 
@@ -234,21 +276,24 @@ class CircuitGraph:
             g.add_node(n.key, name=n.name, kind=n.kind, layer=n.layer, head=n.head,
                        position=n.position)
         for i, e in enumerate(self.edges):
-            g.add_edge(
-                node_key(e.src.name, e.position),
-                node_key(e.dest.node, e.position),
-                key=e.name,
-                port=e.dest.kind,
-                order=i,
-            )
+            for node in self.reading_nodes(e.dest):
+                g.add_edge(node_key(e.src.name, e.position), node_key(node, e.position),
+                           key=e.name, port=e.dest.kind, order=i, group=e.dest.group)
         return g
+
+    def reading_nodes(self, dest: Destination) -> tuple[str, ...]:
+        """The drawn nodes whose computation reads ``dest``: its node, or for a KV group's key or
+        value input every query head of the group."""
+        if dest.head is None and dest.group is not None:
+            return tuple(f"A{dest.layer}.{h}" for h in dest.heads)
+        return (dest.node,)
 
     @property
     def shape(self) -> GraphShape:
         """What determines the graph completely: layers, heads, attention-only, positions,
-        parallel blocks."""
+        parallel blocks, key/value heads."""
         return (self.n_layers, self.n_heads, bool(self.attn_only), self.n_positions,
-                self.parallel)
+                self.parallel, self.n_kv_heads)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CircuitGraph):
@@ -265,5 +310,6 @@ class CircuitGraph:
         pos = "" if self.n_positions is None else f", n_positions={self.n_positions}"
         mlp = ", attn_only=True" if self.attn_only else ""
         mlp += ", parallel=True" if self.parallel else ""
+        mlp += f", n_kv_heads={self.n_kv_heads}" if self.grouped else ""
         return (f"CircuitGraph(n_layers={self.n_layers}, n_heads={self.n_heads}{mlp}{pos}; "
                 f"{len(self)} edges)")

@@ -5,7 +5,9 @@ attention row and MLP row, ``Out`` at the top; one column per token position (or
 "all positions" without the position split), and a layer's heads side by side inside a cell.
 A head is read through three inputs, so an edge into ``A1.2.k`` must stay distinguishable from
 one into ``A1.2.q``: each head gets three small *ports* just below it, q left, k middle, v
-right, and edges end on the port they feed.
+right, and edges end on the port they feed. With grouped- or multi-query attention a head keeps
+only its q port: each KV group's k and v ports are drawn once, below the middle of the heads
+that share them.
 
 The networkx layouts (``multipartite``, ``spring``, ``kamada_kawai``, ``spectral``) are computed
 from ``CircuitGraph.to_networkx()``. With the position split the graph is one disconnected copy
@@ -51,7 +53,9 @@ class Layout:
         nodes: ``Node.key`` (``A1.2`` or ``A1.2@5``) to its ``(x, y)``.
         ports: destination key to the point where edges into it end: ``A1.2.q`` (``A1.2.q@5``)
             for a head's q/k/v ports, on the lower rim of its marker (q left, k below, v
-            right); the node's own point for ``MLP{l}`` and ``Out``.
+            right); with grouped-query attention a KV group's ``A1.kv0.k`` and ``A1.kv0.v``
+            once, below the middle of its heads; the node's own point for ``MLP{l}`` and
+            ``Out``.
         rows: ``(y, label)`` of each row, bottom to top (seq and multipartite; else empty).
         columns: ``(x, position)`` of each column's centre (``position`` None without the
             split); the figure labels them with the trace's tokens.
@@ -122,7 +126,7 @@ def port_positions(graph: CircuitGraph, layout: str = "seq") -> dict[str, Point]
 def _cached_layout(shape: GraphShape, name: str) -> Layout:
     """The layout of the graph of ``shape``: one column's cell, tiled once per position."""
     graph = CircuitGraph.from_shape(shape)
-    n_layers, n_heads, attn_only, n_positions, _parallel = shape
+    n_layers, n_heads, attn_only, n_positions, _parallel, _n_kv_heads = shape
     n_cols = 1 if n_positions is None else n_positions
     if name == "seq":
         base, spacing = _seq_cell(graph)
@@ -159,6 +163,7 @@ def _cached_layout(shape: GraphShape, name: str) -> Layout:
     positions: list[int | None] = [None] if n_positions is None else list(range(n_positions))
     nodes: dict[str, Point] = {}
     ports: dict[str, Point] = {}
+    own_letters = ("q",) if graph.grouped else QKV
     for col, pos in enumerate(positions):
         x0 = col * col_width
         for node in graph.nodes:
@@ -168,15 +173,34 @@ def _cached_layout(shape: GraphShape, name: str) -> Layout:
             x, y = x0 + bx, by
             nodes[node.key] = (x, y)
             if node.kind == "head":
-                for letter in QKV:
+                for letter in own_letters:
                     dx, dy = rim[letter]
                     port = node_key(f"{node.name}.{letter}", pos)
                     ports[port] = (x + dx / px_x, y + dy / px_y)
             elif node.kind in ("mlp", "out"):
                 ports[node.key] = (x, y)
+        if graph.grouped:
+            ports.update(_kv_ports(graph, nodes, pos, r / px_x, r / px_y))
     columns = tuple((col * col_width, pos) for col, pos in enumerate(positions))
     return Layout(name, MappingProxyType(nodes), MappingProxyType(ports), rows, columns,
                   spacing, x_range, y_range, width_px, height_px, node_px)
+
+
+def _kv_ports(graph: CircuitGraph, nodes: Mapping[str, Point], pos: int | None, dx: float,
+              dy: float) -> dict[str, Point]:
+    """The k and v ports of each KV group (grouped-query attention), drawn once: below the
+    middle of the heads that share them, k left and v right (``dx``, ``dy``: a marker's radius
+    in data units)."""
+    ports: dict[str, Point] = {}
+    for dest in graph.destinations:
+        if dest.head is not None or dest.group is None:
+            continue
+        points = [nodes[node_key(f"A{dest.layer}.{h}", pos)] for h in dest.heads]
+        x = sum(p[0] for p in points) / len(points)
+        y = min(p[1] for p in points)
+        side = -0.5 if dest.kind == "k" else 0.5
+        ports[node_key(dest.name, pos)] = (x + side * dx, y - 1.15 * dy)
+    return ports
 
 
 def _canvas(name: str, n_cols: int, n_heads: int, n_rows: int, spacing: float, col_width: float,

@@ -41,10 +41,10 @@ class LazyOutputs(NamedTuple):
 
 
 class StashedKV(NamedTuple):
-    """Keys and values a pass computed for some heads of a layer, kept for ``adopt``."""
+    """Keys and values a pass computed for some key/value heads of a layer, kept for ``adopt``."""
 
-    heads: slice | torch.Tensor          # the heads' index
-    k: torch.Tensor                      # (batch or n * batch, heads, pos >= first_pos, d_head)
+    units: slice | torch.Tensor          # the key/value heads' index
+    k: torch.Tensor                      # (batch or n * batch, units, pos >= first_pos, d_head)
     v: torch.Tensor
     per_hypothesis: bool
 

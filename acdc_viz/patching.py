@@ -46,7 +46,13 @@ first position), so the causal-prefix cache holds rotated keys, as the plain for
 records them; values never rotate. Where Hugging Face takes the attention softmax (or, for GPT-J,
 the scores) in float32 inside a float64 model (``TransformerWeights.softmax_dtype`` and
 ``scores_dtype``), a pass does too, with the adapter's eager attention; other models keep
-``scaled_dot_product_attention``. Grouped-query attention is refused for now (issue 13).
+``scaled_dot_product_attention``.
+
+**Grouped- and multi-query attention**: the key and value inputs are destinations per KV group
+(``A{l}.kv{g}.k|v``, mask rows per key/value head). A pass projects keys and values once per
+key/value head, for the shared and the per-hypothesis rows alike, caches them per key/value head
+for the causal prefix, and repeats them for the query heads of their group only at the attention.
+A query head is recomputed per hypothesis when its q input or its group's k or v input differs.
 
 **Parallel blocks** (GPT-NeoX/Pythia with the MLP's own norm, Phi with the attention's norm):
 the MLP reads the block's input stream, not ``resid_mid``, so ``MLP{l}`` has no edges from
@@ -111,20 +117,6 @@ class CircuitRunner:
         of removed edges."""
         if ablation not in ABLATIONS:
             raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
-        # The partial passes (forward_pass, pass_inputs) do not share key/value heads yet:
-        # refuse rather than run wrong or approximately. (Rotary embeddings, Hugging Face's
-        # float32 attention, gated MLPs, parallel blocks, zero biases, embedding scales and
-        # norm variants are applied exactly.)
-        if weights.kv_group is not None:
-            raise ModelSupportError(
-                "acdc_viz's adapter reads this model exactly, but the ACDC engine's support for "
-                f"grouped-query attention ({weights.n_kv_heads} key/value heads for "
-                f"{weights.n_heads} query heads) is the next step of issue 13 (its partial "
-                "forward passes do not apply it yet, so a circuit found now would be wrong). "
-                "Models without it (GPT-2 style; rotary models such as Llama or OLMo with as "
-                "many key/value heads as query heads; GPT-NeoX/Pythia and Phi, with parallel "
-                "or sequential blocks) run today."
-            )
         if weights.scores_dtype is not None:
             raise ModelSupportError(
                 "this model computes its attention scores in float32 (GPT-J): the engine applies "
@@ -133,11 +125,11 @@ class CircuitRunner:
                 "refuses it rather than risk a wrong circuit (issue 13)."
             )
         parallel = weights.parallel and not weights.attn_only
-        if graph.parallel != parallel:
+        if graph.parallel != parallel or graph.n_kv_heads != weights.n_kv_heads:
             raise SettingsError(
-                f"the graph has parallel={graph.parallel} but the model's blocks are "
-                f"{'parallel' if parallel else 'sequential'}: build it with "
-                f"CircuitGraph(..., parallel={parallel})")
+                f"the graph has parallel={graph.parallel} and {graph.n_kv_heads} key/value heads, "
+                f"but the model's blocks are {'parallel' if parallel else 'sequential'} with "
+                f"{weights.n_kv_heads}: build it with weights.circuit_graph()")
         self.weights = weights
         self.graph = graph
         self.last_position_only = last_position_only
@@ -160,7 +152,7 @@ class CircuitRunner:
             # The current circuit's keys, values (and logits), for the causal-prefix reuse.
             kv_current=clean_run.kv, logits_current=self.full_logits.clone())
         del clean_run
-        self.edges = RemovedEdges(graph, weights.n_heads, weights.dtype, weights.device)
+        self.edges = RemovedEdges(graph, weights.dtype, weights.device)
         self.passes = PassRunner(weights, graph, self.edges, acts, self.batch, seq_len,
                                  last_position_only)
         self.last_pass: PassState | None = None          # the pass of the last chain

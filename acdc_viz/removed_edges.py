@@ -1,7 +1,9 @@
 """Which edges of the circuit are removed: the bookkeeping behind ``CircuitRunner``.
 
 The removed edges are 0/1 masks ``mask[dest_row, source, position]``, one row per destination
-in forward order: per layer 3 * n_heads q/k/v rows (letter-major), then the MLP row; Out last.
+in forward order: per layer the q/k/v rows, letter-major (n_heads q rows, then n_kv_heads k rows
+and n_kv_heads v rows: one per KV group with grouped-query attention, else one per head), then
+the MLP row; Out last.
 Counts of removed edges are kept on the host too, so that a pass can choose what to compute
 without reading the mask back from the device (a sync). Destinations are corrected in groups
 (one layer's q/k/v inputs, one MLP input, Out); see ``acdc_viz.patching`` for the design.
@@ -69,13 +71,14 @@ class DeviceIndex:
 class RemovedEdges:
     """The removed edges of one circuit: masks on the device, counts on the host, and groups."""
 
-    def __init__(self, graph: CircuitGraph, n_heads: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, graph: CircuitGraph, dtype: torch.dtype, device: torch.device) -> None:
         """An empty circuit: no edge removed, one mask row per destination."""
-        self.n_heads = n_heads
+        self.n_heads = n_heads = graph.n_heads
+        self.n_kv_heads = graph.n_kv_heads
         self.n_layers = graph.n_layers
         self.n_pos = 1 if graph.n_positions is None else graph.n_positions
-        self.row_stride = 3 * n_heads + 1
+        self.n_qkv_rows = n_heads + 2 * self.n_kv_heads
+        self.row_stride = self.n_qkv_rows + 1
         n_rows = self.n_layers * self.row_stride + 1
         self.mask = torch.zeros(n_rows, len(graph.sources), self.n_pos, dtype=dtype,
                                 device=device)
@@ -90,20 +93,30 @@ class RemovedEdges:
         for layer in range(self.n_layers):
             first = layer * self.row_stride
             self.groups[(layer, "qkv")] = DestinationGroup(
-                list(range(first, first + 3 * n_heads)), [])
-            self.groups[(layer, "mlp")] = DestinationGroup([first + 3 * n_heads], [])
+                list(range(first, first + self.n_qkv_rows)), [])
+            self.groups[(layer, "mlp")] = DestinationGroup([first + self.n_qkv_rows], [])
         self.groups[(self.n_layers, "out")] = DestinationGroup([n_rows - 1], [])
+
+    def _first_row(self, layer: int, letter: str) -> int:
+        return layer * self.row_stride + (0 if letter == "q" else self.n_heads if letter == "k"
+                                          else self.n_heads + self.n_kv_heads)
+
+    def letter_rows(self, layer: int, letter: str) -> list[int]:
+        """The mask rows of a layer's q inputs (one per head), or of its k or v inputs (one per
+        key/value head), in head or KV group order."""
+        first = self._first_row(layer, letter)
+        return list(range(first, first + (self.n_heads if letter == "q" else self.n_kv_heads)))
 
     def row_of(self, edge: Edge) -> int:
         """The mask row of ``edge``'s destination."""
         dest = edge.dest
         if dest.kind == "out":
             return self.mask.shape[0] - 1
-        first = dest.layer * self.row_stride
         if dest.kind == "mlp":
-            return first + 3 * self.n_heads
-        assert dest.head is not None
-        return first + QKV.index(dest.kind) * self.n_heads + dest.head
+            return dest.layer * self.row_stride + self.n_qkv_rows
+        unit = dest.group if dest.head is None else dest.head      # a KV group's k/v, or a head
+        assert unit is not None
+        return self._first_row(dest.layer, dest.kind) + unit
 
     @staticmethod
     def group_key(edge: Edge) -> GroupKey:

@@ -376,6 +376,7 @@ class Trace:
                 "attn_only": bool(g.attn_only),
                 "n_positions": g.n_positions,
                 **({"parallel": True} if g.parallel else {}),   # absent: sequential blocks
+                **({"n_kv_heads": g.n_kv_heads} if g.grouped else {}),  # absent: one per head
                 "nodes": [
                     {"name": n.name, "kind": n.kind, "layer": n.layer, "head": n.head,
                      "position": n.position}
@@ -397,7 +398,8 @@ class Trace:
         _check_schema(d, source)
         gd = d["graph"]
         graph = CircuitGraph(gd["n_layers"], gd["n_heads"], attn_only=gd["attn_only"],
-                             n_positions=gd["n_positions"], parallel=gd.get("parallel", False))
+                             n_positions=gd["n_positions"], parallel=gd.get("parallel", False),
+                             n_kv_heads=gd.get("n_kv_heads"))
         _check_graph_lists(gd, graph, source)
         final = d["final"]
         trace = cls(
@@ -616,7 +618,8 @@ def _check_schema(d: dict[str, Any], source: str) -> None:
 def _check_graph_lists(gd: dict[str, Any], graph: CircuitGraph, source: str) -> None:
     """Nodes and edges must be exactly what CircuitGraph builds, in its order."""
     spec = (f"CircuitGraph({graph.n_layers}, {graph.n_heads}, attn_only={graph.attn_only}, "
-            f"n_positions={graph.n_positions}{', parallel=True' if graph.parallel else ''})")
+            f"n_positions={graph.n_positions}{', parallel=True' if graph.parallel else ''}"
+            f"{f', n_kv_heads={graph.n_kv_heads}' if graph.grouped else ''})")
     expected_edges = [e.name for e in graph.edges]
     got_edges = gd["edges"]
     if got_edges != expected_edges:

@@ -20,7 +20,12 @@ input), ``A{l}.{h}`` (output of head h of layer l *without* b_O; b_O always
 stays), ``MLP{l}`` (MLP output).
 Destinations: ``A{l}.{h}.q|k|v`` (each head's private copy of the residual stream
 *before* its LayerNorm), ``MLP{l}`` (MLP input before its LayerNorm), ``Out``
-(final residual stream before ln_final).
+(final residual stream before ln_final).  With grouped-/multi-query attention
+(``n_key_value_heads`` < ``n_heads``) keys and values are computed once per KV
+group, so their inputs are per group: ``A{l}.kv{g}.k|v`` (group g is read by
+query heads g*r .. g*r+r-1); queries stay ``A{l}.{h}.q``.  The bridge's
+``hook_k_input`` / ``hook_v_input`` then have one copy per KV group
+(batch, pos, n_kv_heads, d_model), and group g's copy is patched.
 Removing src->dest: dest_input <- dest_input - current(src) + ablated(src), where
 current(src) is src's output *in this very forward pass* (so it already reflects
 any patching of src's own inputs).  With positions, ``src->dest@p`` only changes
@@ -112,12 +117,27 @@ def _sources_before(
     return out
 
 
+def _attention_inputs(layer: int, n_heads: int, n_kv: int) -> list[str]:
+    """A layer's q/k/v destinations in visit order: heads from high to low, each q, k, v; with
+    KV groups, the groups from high to low, each its heads' q (high to low) then its k and v."""
+    if n_kv == n_heads:
+        return [f"A{layer}.{h}.{x}" for h in reversed(range(n_heads)) for x in "qkv"]
+    size = n_heads // n_kv
+    out: list[str] = []
+    for g in reversed(range(n_kv)):
+        out += [f"A{layer}.{h}.q" for h in reversed(range(g * size, (g + 1) * size))]
+        out += [f"A{layer}.kv{g}.k", f"A{layer}.kv{g}.v"]
+    return out
+
+
 def _destinations(
-    n_layers: int, n_heads: int, attn_only: bool, parallel: bool = False
+    n_layers: int, n_heads: int, attn_only: bool, parallel: bool = False,
+    n_kv: int | None = None,
 ) -> list[tuple[str, list[str]]]:
     """(destination, its sources in visit order), destinations in visit order.
 
     With ``parallel`` blocks, MLP{l} reads the block's input: no edge from its layer's heads.
+    ``n_kv``: key/value heads per layer (None: as many as query heads).
     """
     dests: list[tuple[str, list[str]]] = [("Out", _sources_before(n_layers, n_heads, attn_only))]
     for layer in reversed(range(n_layers)):
@@ -127,15 +147,14 @@ def _destinations(
                 (f"MLP{layer}",
                  _sources_before(layer, n_heads, attn_only, include_heads_of=own_heads))
             )
-        for h in reversed(range(n_heads)):
-            for x in "qkv":
-                dests.append((f"A{layer}.{h}.{x}", _sources_before(layer, n_heads, attn_only)))
+        for dest in _attention_inputs(layer, n_heads, n_kv or n_heads):
+            dests.append((dest, _sources_before(layer, n_heads, attn_only)))
     return dests
 
 
 def reference_edge_names(
     n_layers: int, n_heads: int, attn_only: bool, n_positions: int | None = None,
-    parallel: bool = False,
+    parallel: bool = False, n_kv: int | None = None,
 ) -> list[str]:
     """All edges in ACDC visit order.
 
@@ -143,7 +162,7 @@ def reference_edge_names(
     expands to ``src->dest@p`` for p = n_positions-1 .. 0, consecutively.
     """
     names: list[str] = []
-    for dest, srcs in _destinations(n_layers, n_heads, attn_only, parallel):
+    for dest, srcs in _destinations(n_layers, n_heads, attn_only, parallel, n_kv):
         for src in srcs:
             if n_positions is None:
                 names.append(f"{src}->{dest}")
@@ -153,7 +172,7 @@ def reference_edge_names(
 
 
 _SRC_RE = re.compile(r"^(Embed|A(\d+)\.(\d+)|MLP(\d+))$")
-_DEST_RE = re.compile(r"^(Out|MLP(\d+)|A(\d+)\.(\d+)\.([qkv]))$")
+_DEST_RE = re.compile(r"^(Out|MLP(\d+)|A(\d+)\.(\d+)\.([qkv])|A(\d+)\.kv(\d+)\.([kv]))$")
 
 
 class _Edge(NamedTuple):
@@ -188,6 +207,7 @@ class _Info(NamedTuple):
     out_hook: str  # where the Out destination's input is patched
     parallel: bool = False  # parallel attention + MLP blocks
     mlp_hook: str = "hook_mlp_in"  # blocks.{l}.<this>: where the MLP destination is patched
+    n_kv: int | None = None  # key/value heads per layer when fewer than n_heads (KV groups)
 
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -201,6 +221,8 @@ def _prepared(bridge) -> Iterator[_Info]:
     try:
         bridge.eval()
         attn_only = bool(cfg.attn_only)
+        n_kv = getattr(cfg, "n_key_value_heads", None)
+        n_kv = None if n_kv in (None, cfg.n_heads) else int(n_kv)
         try:
             bridge.set_use_split_qkv_input(True)
             bridge.set_use_attn_result(True)
@@ -218,7 +240,7 @@ def _prepared(bridge) -> Iterator[_Info]:
                     "reference_acdc: bridge has no per-head input hooks and uses "
                     f"normalization {cfg.normalization_type!r}; cannot patch exactly"
                 )
-            if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
+            if n_kv is not None:
                 raise NotImplementedError("reference_acdc: GQA not supported in native mode")
             with torch.no_grad():
                 ws = [getattr(bridge, n).detach().clone() for n in ("W_Q", "W_K", "W_V", "W_O")]
@@ -237,7 +259,7 @@ def _prepared(bridge) -> Iterator[_Info]:
         if parallel and mode != "split":
             raise NotImplementedError("reference_acdc: parallel blocks need the split inputs")
         yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws, out_hook,
-                    parallel, mlp_hook)
+                    parallel, mlp_hook, n_kv)
     finally:
         for f, v in old_flags.items():
             cur = bool(getattr(cfg, f, False))
@@ -334,11 +356,13 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
 
             hooks.append((f"blocks.{layer}.{info.mlp_hook}", patch_mlp))
         for x_kind in "qkv":
-            per_head = {
-                h: by_dest[f"A{layer}.{h}.{x_kind}"]
-                for h in range(info.n_heads)
-                if f"A{layer}.{h}.{x_kind}" in by_dest
-            }
+            # index along the hook's head axis -> its destination's name: the query heads, or
+            # for k and v with KV groups, the groups
+            if info.n_kv is None or x_kind == "q":
+                names = {h: f"A{layer}.{h}.{x_kind}" for h in range(info.n_heads)}
+            else:
+                names = {g: f"A{layer}.kv{g}.{x_kind}" for g in range(info.n_kv)}
+            per_head = {h: by_dest[name] for h, name in names.items() if name in by_dest}
             if not per_head:
                 continue
             if info.mode == "split":
@@ -373,7 +397,7 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
 
 def _validate(edges: list[_Edge], info: _Info, seq: int) -> None:
     valid = set(reference_edge_names(info.n_layers, info.n_heads, info.attn_only,
-                                     parallel=info.parallel))
+                                     parallel=info.parallel, n_kv=info.n_kv))
     for e in edges:
         if f"{e.src}->{e.dest}" not in valid:
             raise ValueError(f"edge {e.src}->{e.dest} is not in the graph")
@@ -479,7 +503,7 @@ def reference_acdc(
         full, _ = _forward(bridge, info, clean, [], None)
         names = reference_edge_names(
             info.n_layers, info.n_heads, info.attn_only, clean.shape[1] if positions else None,
-            parallel=info.parallel,
+            parallel=info.parallel, n_kv=info.n_kv,
         )
         removed: list[_Edge] = []
 

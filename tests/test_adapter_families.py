@@ -4,10 +4,9 @@ For each family the adapter supports, ``from_model(bridge).forward(tokens)`` equ
 own logits in float64: measured 0 to 3e-15 (docs/model-families.md, "Adapter support"), because
 the adapter repeats Hugging Face's float32 steps (RMSNorm, OLMo's LayerNorm, the eager softmax,
 GPT-J's scores, rotary angles). Every family it does not model is refused, naming the feature,
-before any weight is read. The ACDC engine does not run grouped-query models yet:
-``CircuitRunner`` refuses them with a clear message. It runs a gated-MLP model exactly here
-(checked against the brute-force reference); rotary models in tests/test_engine_rotary.py,
-parallel blocks in tests/test_engine_parallel.py.
+before any weight is read. The ACDC engine runs a gated-MLP model exactly here (checked against
+the brute-force reference); rotary models in tests/test_engine_rotary.py, parallel blocks in
+tests/test_engine_parallel.py, grouped- and multi-query attention in tests/test_engine_gqa.py.
 """
 
 from __future__ import annotations
@@ -214,38 +213,22 @@ def test_qwen2_without_sliding_window_is_not_refused(family):
     from_model(family("qwen2").bridge)
 
 
-def test_engine_refuses_grouped_query_models_only(family):
-    """Until the engine applies it, Acdc and CircuitRunner refuse grouped-query attention with
-    the reason; parallel blocks and rotary embeddings run (tests/test_engine_parallel.py,
-    tests/test_engine_rotary.py). Falcon (parallel and multi-query) is refused for its GQA."""
-    bridge = family("llama").bridge
+def test_engine_takes_every_family_the_adapter_reads_but_gptj(family):
+    """Acdc and CircuitRunner take grouped-query, multi-query and parallel models, but refuse
+    GPT-J (its float32 scores are applied but can't be checked against the reference), and a
+    graph that disagrees with the model's blocks or key/value heads."""
     clean, corrupt = token_pairs(batch=2, pos=4, d_vocab=VOCAB)
-    with pytest.raises(ModelSupportError) as info:
-        Acdc(bridge, TokenPairs(clean, corrupt), tau=1e-3, dtype=torch.float64)
-    message = str(info.value)
-    assert "reads this model exactly" in message and "next step of issue 13" in message
-    assert "grouped-query attention (2 key/value heads for 4 query heads)" in message
-    assert "engine's support for parallel" not in message
     gptj = from_model(family("gptj").bridge)                # float32 scores, not yet checked
     with pytest.raises(ModelSupportError, match="attention scores in float32"):
-        CircuitRunner(gptj, CircuitGraph(gptj.n_layers, gptj.n_heads, parallel=True), clean,
-                      corrupt)
-    for name in ("gpt_neox", "phi"):                          # parallel, multi-head: they run
+        CircuitRunner(gptj, gptj.circuit_graph(), clean, corrupt)
+    for name in ("gpt_neox", "phi", "falcon", "llama", "gpt_neox-sequential"):
         weights = from_model(family(name).bridge)
-        assert weights.parallel and weights.kv_group is None
-        CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads, parallel=True),
-                      clean, corrupt)
-        with pytest.raises(SettingsError, match="parallel=True"):      # the graph must agree
-            CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean,
-                          corrupt)
-    weights = from_model(family("falcon").bridge)            # parallel and multi-query
-    assert weights.parallel
-    with pytest.raises(ModelSupportError, match="grouped-query attention") as info:
-        CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads, parallel=True),
-                      clean, corrupt)
-    assert "support for parallel" not in str(info.value)
-    weights = from_model(family("gpt_neox-sequential").bridge)
-    CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads), clean, corrupt)
+        CircuitRunner(weights, weights.circuit_graph(), clean, corrupt)
+        if weights.parallel:                                      # the graph must agree
+            with pytest.raises(SettingsError, match="blocks are parallel"):
+                CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads,
+                                                    n_kv_heads=weights.n_kv_heads),
+                              clean, corrupt)
 
 
 @pytest.fixture(scope="module")

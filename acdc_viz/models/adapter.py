@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from acdc_viz.errors import ModelSupportError
+from acdc_viz.graph import CircuitGraph
 from acdc_viz.models.rotary import Rotary, rotary_from_model
 from acdc_viz.models.support import (
     ACTIVATIONS,
@@ -182,6 +183,12 @@ class TransformerWeights:
     @property
     def dtype(self) -> torch.dtype:
         return self.W_E.dtype
+
+    def circuit_graph(self, n_positions: int | None = None) -> CircuitGraph:
+        """The computational graph of this model (its blocks, heads and key/value heads)."""
+        return CircuitGraph(self.n_layers, self.n_heads, attn_only=self.attn_only,
+                            n_positions=n_positions, parallel=self.parallel,
+                            n_kv_heads=self.n_kv_heads)
 
     @property
     def device(self) -> torch.device:

@@ -33,11 +33,10 @@ QK_NORMS = "q/k norms (Qwen3, OLMo 2, Phi with qk_layernorm)"
 SUPPORTED_FAMILIES = (
     "ACDC runs today on GPT-2-style decoder-only models (learned or shortformer positions, "
     "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP) and on rotary "
-    "models whose key/value heads equal their query heads, with sequential or parallel blocks "
-    "(Llama-2-style, OLMo, Gemma-7B-style, GPT-NeoX/Pythia, Phi). The adapter also reads, "
-    "through TransformerLens 4 bridges of Hugging Face models, Llama 3, Qwen2/2.5, Gemma-2B, "
-    "GPT-J and Falcon-7B-style models; running ACDC on their grouped-query attention (and on "
-    "GPT-J) is the next step of issue 13."
+    "models with multi-head, grouped-query or multi-query attention, sequential or parallel blocks "
+    "(Llama 2/3, Qwen2/2.5, Mistral-style without a sliding window, OLMo, Gemma, "
+    "GPT-NeoX/Pythia, Phi, Falcon-7B-style). The adapter also reads GPT-J, whose float32 "
+    "attention scores the engine does not run yet."
 )
 
 
