@@ -199,12 +199,14 @@ class PassRunner:
                  "v": (range(n_kv), kv_of[True])}
         biases = self.weights.qkv_biases(layer, query_from, first_pos, self.seq_len)
         weights = (layer_weights.W_Q, layer_weights.W_K, layer_weights.W_V)
-        # q's rows are positions query_from.., k's and v's first_pos..; only q and k rotate.
-        rotate = (self._rotation(query_from), self._rotation(first_pos), None)
+        # q's rows are positions query_from.., k's and v's first_pos..; only q and k are normed
+        # (Qwen3) and rotated.
+        finish = (self._finish(layer_weights.q_norm, query_from),
+                  self._finish(layer_weights.k_norm, first_pos), None)
         shared, dependent = [], []
         for i, (letter, W, b) in enumerate(zip(QKV, weights, biases, strict=True)):
             positions = slice(query_from - first_pos, None) if letter == "q" else slice(None)
-            args = (state, layer_weights.ln1, W, b, positions, inp, rows[letter], rotate[i])
+            args = (state, layer_weights.ln1, W, b, positions, inp, rows[letter], finish[i])
             every, dep_units = units[letter]
             out = self._project(*args, every, per_hypothesis=False, shared=None)
             shared.append(out)
@@ -242,12 +244,16 @@ class PassRunner:
                     dep_sources=[first_head + h for h in dep_heads], dep_out=dependent_out,
                     bias=layer_weights.b_O)
 
-    def _rotation(self, start: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The rotary embedding of q or k rows at positions ``start..``; None without rotary."""
+    def _finish(self, norm: Callable[[torch.Tensor], torch.Tensor] | None,
+                start: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What follows the projection of q or k rows at positions ``start..``: their per-head
+        norm (Qwen3), then the rotary embedding; None when there is neither."""
         rotary = self.weights.rotary
-        if rotary is None:
-            return None
-        return partial(rotary.rotate, start=start, seq_len=self.seq_len)
+        rotate = None if rotary is None else partial(rotary.rotate, start=start,
+                                                      seq_len=self.seq_len)
+        if norm is None or rotate is None:
+            return norm or rotate
+        return lambda t: rotate(norm(t))
 
     def _heads_out(self, state: PassState, layer: int, head_index: slice | torch.Tensor,
                    kv_index: slice | torch.Tensor, kv_slots: list[int], q: torch.Tensor,
@@ -263,12 +269,13 @@ class PassRunner:
         if kv_slots != list(range(k.shape[1])):          # grouped-query: one copy per head
             slots = self.index(kv_slots)
             k, v = k[:, slots], v[:, slots]
-        scale = 1.0 / layer_weights.attn_scale
-        if self.weights.softmax_dtype is not None or self.weights.scores_dtype is not None:
-            # Hugging Face's eager attention with its float32 steps, as the clean run computes
-            # it. Keys cover positions 0..seq_len-1 and queries query_from..seq_len-1, so its
-            # causal mask (the bottom-right triangle) lines them up.
-            z = self.weights.eager_attention(q, k, v, scale)
+        scale, weights = 1.0 / layer_weights.attn_scale, self.weights
+        if (weights.softmax_dtype is not None or weights.scores_dtype is not None
+                or layer_weights.window is not None):
+            # Hugging Face's eager attention with its float32 steps (and sliding window), as the
+            # clean run computes it. Keys cover positions 0..seq_len-1 and queries
+            # query_from..seq_len-1, so its causal mask (the bottom-right triangle) lines them up.
+            z = weights.eager_attention(q, k, v, scale, layer_weights.window)
             return torch.einsum("bhpe,hed->hbpd", z, layer_weights.W_O[head_index])
         mask, causal = None, False
         if self.weights.causal and q.shape[2] > 1:
@@ -284,17 +291,17 @@ class PassRunner:
 
     def _project(self, state: PassState, norm: Callable[[torch.Tensor], torch.Tensor],
                  W: torch.Tensor, b: torch.Tensor, positions: slice, inp: GroupInputs,
-                 rows: list[int], rotate: Callable[[torch.Tensor], torch.Tensor] | None,
+                 rows: list[int], finish: Callable[[torch.Tensor], torch.Tensor] | None,
                  heads: Sequence[int], *, per_hypothesis: bool,
                  shared: torch.Tensor | None) -> torch.Tensor | None:
         """One of q, k, v for ``heads`` at ``positions``: without ``per_hypothesis``, (batch,
         heads, pos, d_head) for the rows that all hypotheses share (None if there are none);
         with it, (n * batch, heads, pos, d_head), the shared rows copied from ``shared``.
-        ``rotate`` (q and k of a rotary model) applies to each projection as it is computed;
-        ``shared`` is rotated already."""
+        ``finish`` (q and k: a per-head norm, the rotary embedding) applies to each projection
+        as it is computed; ``shared`` is finished already."""
         def proj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, per_row: bool) -> torch.Tensor:
             out = _norm_proj(norm, x, W, b, per_row=per_row)
-            return out if rotate is None else rotate(out)
+            return out if finish is None else finish(out)
 
         by_kind: dict[str, list[tuple[int, int]]] = {}
         for slot, head in enumerate(heads):

@@ -45,6 +45,8 @@ SUPPORTED = {
     "llama-rope-llama3": (16, False, 2, True, False, True, True, False, False, None),
     "llama-rope-yarn": (16, False, 2, True, False, True, True, False, False, None),
     "qwen2": (16, False, 2, True, False, True, True, False, False, None),
+    "qwen3": (24, False, 2, True, False, True, True, False, False, None),
+    "mistral": (16, False, 2, True, False, True, True, False, False, None),
     "gemma": (16, False, 2, True, False, True, True, False, False, 8.0),
     "phi": (8, False, 4, False, True, False, True, False, True, None),
     "gptj": (8, True, 4, False, True, False, False, True, True, None),
@@ -53,10 +55,8 @@ SUPPORTED = {
 }
 #: Refused families: the words the ModelSupportError must contain.
 REFUSED = {
-    "qwen3": ["q/k norms"],
-    "mistral": ["sliding-window attention", "Mistral"],
-    "gemma2": ["sandwich norms", "soft-capping", "sliding-window attention"],
-    "olmo2": ["sandwich norms", "q/k norms"],
+    "gemma2": ["sandwich norms", "soft-capping"],
+    "olmo2": ["sandwich norms", "q/k norms over all heads"],
     "olmo-clip-qkv": ["clip_qkv=0.5"],
     "falcon-new-decoder": ["new_decoder_architecture"],
     "falcon-alibi": ["ALiBi"],
@@ -191,8 +191,6 @@ def _configs():
         "state-space": tr.MambaConfig(),
         "multimodal": tr.LlavaConfig(),
         "q/k norms": tr.PhiConfig(qk_layernorm=True),
-        "sliding-window": tr.Qwen2Config(use_sliding_window=True, sliding_window=4,
-                                         max_window_layers=0, num_hidden_layers=2),
         "rope scaling 'longrope'": tr.LlamaConfig(rope_parameters={
             "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
             "long_factor": [1.0] * 8, "original_max_position_embeddings": 8}),
@@ -206,11 +204,25 @@ def test_refused_configs(feature):
     assert feature in str(info.value)
 
 
-def test_qwen2_without_sliding_window_is_not_refused(family):
-    """Qwen2's config carries a sliding_window size that it does not use."""
+def test_sliding_windows_per_layer(family):
+    """Which layers attend through a sliding window: Mistral every layer, Qwen2 none unless
+    ``use_sliding_window`` (then the layers from ``max_window_layers`` on), Gemma 2 the ones its
+    ``layer_types`` call sliding."""
+    import transformers as tr
+
+    from acdc_viz.models.support import sliding_windows
+
     config = family("qwen2").bridge.original_model.config
     assert config.use_sliding_window is False
-    from_model(family("qwen2").bridge)
+    assert [w.window for w in from_model(family("qwen2").bridge).layers] == [None, None]
+    assert [w.window for w in from_model(family("qwen3").bridge).layers] == [None, None]
+    assert sliding_windows(family("mistral").bridge.original_model.config, 2) == [4, 4]
+    qwen2 = tr.Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                           num_hidden_layers=3)
+    assert sliding_windows(qwen2, 3) == [None, 4, 4]
+    gemma2 = family("gemma2").bridge.original_model.config
+    expected = [gemma2.sliding_window if "sliding" in t else None for t in gemma2.layer_types]
+    assert sliding_windows(gemma2, 2) == expected and None in expected
 
 
 def test_engine_takes_every_family_the_adapter_reads_but_gptj(family):

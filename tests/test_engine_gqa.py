@@ -6,9 +6,12 @@ their inputs are destinations per group, ``A{l}.kv{g}.k|v`` (``../shared/DESIGN.
 The reference patches group g's copy of the bridge's split ``hook_k_input`` / ``hook_v_input``
 (batch, pos, n_kv_heads, d_model). Families: Llama (4 query heads sharing 2 KV heads; SwiGLU,
 RMSNorm), Llama with multi-query attention and tied embeddings, Qwen2 (biases on q, k, v), Gemma
-(GeGLU, ``1 + w`` norm, embedding scale) and Falcon-7B style (multi-query, parallel attention
-and MLP sharing one LayerNorm). Every decision equals the reference's for resample, zero and mean
-ablation, with and without positions (causal-prefix reuse on), K = 1, 4 and adaptive.
+(GeGLU, ``1 + w`` norm, embedding scale), Falcon-7B style (multi-query, parallel attention
+and MLP sharing one LayerNorm), Qwen3 (per-head RMSNorm of q and k before rotary; d_head 24 with
+d_model 64) and Mistral (sliding window; 2 positions in the ACDC runs on 4-token prompts, so
+that the window hides keys; see ``test_the_sliding_window_matters``). Every decision equals the
+reference's for resample, zero and mean ablation, with and without positions (causal-prefix
+reuse on), K = 1, 4 and adaptive.
 """
 
 from __future__ import annotations
@@ -26,19 +29,23 @@ TAU = 3e-3
 METRIC_TOLERANCE = 1e-9
 FULL = [(a, p) for a in ("resample", "zero", "mean") for p in (False, True)]
 SOME = [("resample", True), ("zero", False), ("mean", True)]
-CASES = {"llama": FULL, "llama-mqa-tied": SOME, "qwen2": SOME, "gemma": SOME, "falcon": SOME}
+CASES = {"llama": FULL, "llama-mqa-tied": SOME, "qwen2": SOME, "gemma": SOME, "falcon": SOME,
+         "qwen3": SOME, "mistral-window2": SOME}
 
 
 @pytest.fixture(scope="module")
-def gqa_model(family):
+def gqa_model(family, tmp_path_factory):
     """``gqa_model(name)``: (bridge, weights) of a grouped-query family of ``CASES``."""
+    from model_families import build_mistral
+
     from acdc_viz.models.adapter import from_model
 
     built: dict = {}
 
     def get(name):
         if name not in built:
-            bridge = family(name).bridge
+            bridge = (build_mistral(tmp_path_factory.mktemp(name), sliding_window=2).bridge
+                      if name == "mistral-window2" else family(name).bridge)
             weights = from_model(bridge)
             assert weights.kv_group is not None and weights.n_kv_heads < weights.n_heads
             built[name] = bridge, weights
@@ -164,3 +171,19 @@ def test_a_grouped_query_trace_speaks_the_new_names(gqa_model, tmp_path):
     scores = acdc_prune_scores(weights, [Batch()], tao_exps=[-3], tao_bases=[3],
                                dtype=torch.float64)
     assert set(scores) == {e.name for e in trace.graph.edges}
+
+
+@pytest.mark.parametrize(("name", "window", "pos"), [("mistral", 4, 6), ("mistral-window2", 2, 4)])
+def test_the_sliding_window_matters(gqa_model, name, window, pos):
+    """Mistral's window hides keys in the prompts of the checks above: without it the logits
+    differ, so the equalities above test the window."""
+    import dataclasses
+
+    bridge, weights = gqa_model(name)
+    assert [layer.window for layer in weights.layers] == [window, window]
+    unwindowed = dataclasses.replace(weights, layers=[dataclasses.replace(layer, window=None)
+                                                      for layer in weights.layers])
+    clean, _ = token_pairs(batch=3, pos=pos, d_vocab=VOCAB)
+    with torch.no_grad():
+        assert (unwindowed.forward(clean) - bridge(clean)).abs().max() > 1e-3
+        assert (weights.forward(clean) - bridge(clean)).abs().max() <= 1e-12

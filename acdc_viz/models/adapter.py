@@ -19,11 +19,12 @@ Through a TransformerLens 4 bridge of a Hugging Face model (issue 13, see
 interleaved pairs, rope scaling default/linear/dynamic/llama3/yarn; ``acdc_viz.models.rotary``),
 grouped- and multi-query attention (keys and values stored per KV group, ``kv_group``), gated
 MLPs, parallel attention + MLP blocks (one or two norms), missing biases (zeros), unembedding
-biases, Gemma's ``1 + w`` RMSNorm and embedding scale, OLMo's parameter-free LayerNorm. Where
+biases, Gemma's ``1 + w`` RMSNorm and embedding scale, OLMo's parameter-free LayerNorm, per-head
+q/k norms (Qwen3) and sliding-window attention (Mistral; Qwen2's upper layers). Where
 Hugging Face computes in float32 inside a float64 model (RMSNorm, OLMo's LayerNorm, the eager
 softmax, GPT-J's attention scores, rotary angles), we do the same, so that the logits agree to
 ~1e-15 (0 for most families) rather than ~1e-7. Everything else those families can have
-(sandwich norms, q/k norms, soft caps, sliding windows, ALiBi, ...) is refused by name.
+(sandwich norms, q/k norms over all heads, soft caps, ALiBi, ...) is refused by name.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from acdc_viz.models.support import (
     check_supported,
     hf_activation,
     hf_model,
+    sliding_windows,
     submodule,
 )
 
@@ -118,6 +120,12 @@ class LayerWeights:
     b_out: torch.Tensor | None = None
     W_gate: torch.Tensor | None = None
     b_gate: torch.Tensor | None = None
+    q_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A norm of each head's query after its projection, before rotary (Qwen3); None: none."""
+    k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    window: int | None = None
+    """Sliding-window attention (Mistral): a query sees only the keys less than ``window``
+    positions back; None: every earlier key."""
 
     def mlp(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The MLP's output for the residual-stream input ``x`` (its LayerNorm included)."""
@@ -215,16 +223,18 @@ class TransformerWeights:
         (batch, kv heads, pos, d_head), all rotated already."""
         w = self.layers[layer]
         k, v = self.expand_kv(k), self.expand_kv(v)
-        if self.softmax_dtype is None and self.scores_dtype is None:
+        if self.softmax_dtype is None and self.scores_dtype is None and w.window is None:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                scale=1.0 / w.attn_scale)
         else:
-            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale)
+            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale, w.window)
         return torch.einsum("bhpe,hed->hbpd", z, w.W_O)
 
     def eager_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-        """Attention as Hugging Face's eager code computes it, with its float32 steps."""
+                         scale: float, window: int | None = None) -> torch.Tensor:
+        """Attention as Hugging Face's eager code computes it, with its float32 steps. Keys
+        cover positions 0.. and queries the last ones (the bottom-right causal triangle);
+        ``window`` hides the keys ``window`` or more positions back."""
         if self.scores_dtype is not None:
             q32, k32 = q.to(self.scores_dtype), k.to(self.scores_dtype)
             scores = (torch.matmul(q32, k32.transpose(-1, -2)) * scale).to(q.dtype)
@@ -233,6 +243,8 @@ class TransformerWeights:
         if self.causal:
             n_q, n_k = scores.shape[-2:]
             visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            if window is not None:
+                visible &= ~torch.ones_like(visible).tril(n_k - n_q - window)
             scores = scores.masked_fill(~visible, float("-inf"))
         pattern = torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(v.dtype)
         return torch.matmul(pattern, v)
@@ -261,6 +273,8 @@ class TransformerWeights:
             torch.einsum("bpd,hde->bhpe", normed, W) + b[None]
             for W, b in zip((w.W_Q, w.W_K, w.W_V), biases, strict=True)
         )
+        q = q if w.q_norm is None else w.q_norm(q)
+        k = k if w.k_norm is None else w.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary.rotate(q), self.rotary.rotate(k)
         return q, k, v
@@ -376,6 +390,12 @@ def _read_layer(model: Any, cfg: Any, sd: dict[str, torch.Tensor], layer: int,
         W_Q=t["W_Q"], b_Q=t["b_Q"], W_K=t["W_K"], b_K=t["b_K"], W_V=t["W_V"], b_V=t["b_V"],
         W_O=t["W_O"], b_O=t["b_O"], attn_scale=scale,
     )
+    if submodule(model, f"{prefix}.attn.q_norm") is not None:     # per head: support checked it
+        lw.q_norm, lw.k_norm = (read_norm(model, sd, f"{prefix}.attn.{n}", "RMS", eps)
+                                for n in ("q_norm", "k_norm"))
+    hf = hf_model(model)
+    if hf is not None:
+        lw.window = sliding_windows(hf.config, int(cfg.n_layers))[layer]
     if "W_in" not in tensors:
         return lw
     own_ln2 = (submodule(model, f"{prefix}.ln2") is not None or f"{prefix}.ln2.weight" in sd

@@ -27,14 +27,16 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swish": F.silu,
 }
 NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
-QK_NORMS = "q/k norms (Qwen3, OLMo 2, Phi with qk_layernorm)"
+QK_NORMS = "q/k norms (Phi with qk_layernorm, Llama 4)"
+QK_NORMS_ACROSS_HEADS = ("q/k norms over all heads together (OLMo 2): one head's query depends on "
+                         "every head's input, so heads are not separable")
 
 #: What ACDC runs on and what the adapter reads, for the messages of refused models.
 SUPPORTED_FAMILIES = (
     "ACDC runs today on GPT-2-style decoder-only models (learned or shortformer positions, "
     "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP) and on rotary "
     "models with multi-head, grouped-query or multi-query attention, sequential or parallel blocks "
-    "(Llama 2/3, Qwen2/2.5, Mistral-style without a sliding window, OLMo, Gemma, "
+    "(Llama 2/3, Qwen2/2.5, Qwen3, Mistral, OLMo, Gemma, "
     "GPT-NeoX/Pythia, Phi, Falcon-7B-style). The adapter also reads GPT-J, whose float32 "
     "attention scores the engine does not run yet."
 )
@@ -68,19 +70,21 @@ def hf_activation(config: Any) -> str | None:
     return None
 
 
-def _sliding_window(config: Any) -> str | None:
-    """A description of the sliding-window attention a Hugging Face config asks for, or None."""
+def sliding_windows(config: Any, n_layers: int) -> list[int | None]:
+    """Each layer's sliding attention window in a Hugging Face config (a query sees the keys
+    less than ``window`` positions back), or None for full causal attention."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * n_layers
     if layer_types:
-        local = [i for i, t in enumerate(layer_types) if "sliding" in str(t)]
-        return f"window {window} on layers {local}" if local else None
-    if window is not None and getattr(config, "use_sliding_window", True) is not False:
-        return f"window {window} on every layer"
-    return None
+        return [int(window) if "sliding" in str(t) else None for t in layer_types[:n_layers]]
+    if getattr(config, "use_sliding_window", True) is False:
+        return [None] * n_layers
+    return [int(window)] * n_layers
 
 
-def _config_problems(config: Any) -> list[str]:
+def config_problems(config: Any) -> list[str]:
     """Features of a Hugging Face config that the adapter does not model, each with its
     families."""
     problems = []
@@ -101,9 +105,6 @@ def _config_problems(config: Any) -> list[str]:
         problems.append(f"a multimodal model ({', '.join(multimodal)}; LLaVA, Gemma 3, ...)")
     if getattr(config, "alibi", False) or model_type in ("bloom", "mpt"):
         problems.append("ALiBi position biases (Bloom, Falcon-RW, MPT)")
-    window = _sliding_window(config)
-    if window:
-        problems.append(f"sliding-window attention ({window}; Mistral, Gemma 2 local layers)")
     caps = {f: getattr(config, f, None) for f in ("attn_logit_softcapping",
                                                   "final_logit_softcapping")}
     if any(v is not None for v in caps.values()):
@@ -136,8 +137,14 @@ def _module_problems(model: Any) -> list[str]:
         problems.append("sandwich norms: a norm on the attention or MLP output before the "
                         "residual add (Gemma 2/3, OLMo 2)")
     attn = getattr(block, "attn", None)
-    if attn is not None and any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
-        problems.append(QK_NORMS)
+    norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")] if attn is not None else []
+    cfg = getattr(model, "cfg", None)
+    d_head = getattr(cfg, "d_head", None)
+    for norm in norms:      # per head (Qwen3, Gemma 3) is read; across heads (OLMo 2) is not
+        weight = getattr(norm, "weight", None)
+        if norm is not None and (weight is None or d_head is None
+                                 or tuple(weight.shape) != (int(d_head),)):
+            problems.append(QK_NORMS_ACROSS_HEADS)
     if getattr(model, "embed_ln", None) is not None:
         problems.append("a LayerNorm right after the embedding (Bloom)")
     return problems
@@ -161,9 +168,10 @@ def _cfg_problems(cfg: Any, hf: Any) -> list[str]:
     act = act or getattr(cfg, "act_fn", None)
     if not getattr(cfg, "attn_only", False) and act not in ACTIVATIONS:
         problems.append(f"activation {act!r} (supported: {sorted(ACTIVATIONS)})")
-    for flag, feature in (("use_local_attn", "sliding-window attention (Mistral, Gemma 2)"),
-                          ("use_qk_norm", QK_NORMS),
-                          ("use_normalization_before_and_after", "sandwich norms (Gemma 2/3)"),
+    if hf is None and getattr(cfg, "use_local_attn", False):    # else read from HF's config
+        problems.append("sliding-window attention on a model without its Hugging Face original "
+                        "(a TransformerLens 3 HookedTransformer): use_local_attn=True")
+    for flag, feature in (("use_normalization_before_and_after", "sandwich norms (Gemma 2/3)"),
                           ("post_embedding_ln", "a LayerNorm right after the embedding (Bloom)")):
         if getattr(cfg, flag, False):
             problems.append(f"{feature}: {flag}=True")
@@ -189,7 +197,7 @@ def check_supported(cfg: Any, model: Any = None) -> None:
     hf = hf_model(model)
     problems = _cfg_problems(cfg, hf)
     if hf is not None:
-        problems += _config_problems(hf.config)
+        problems += config_problems(hf.config)
     if model is not None:
         problems += _module_problems(model)
     problems = list(dict.fromkeys(problems))
