@@ -87,19 +87,24 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def row_of(node: Node, n_layers: int, attn_only: bool) -> int:
-    """The node's row in the seq grid: 0 is ``Embed``, per layer attention, MLP; ``Out`` last."""
-    per_layer = 1 if attn_only else 2
+def row_of(node: Node, n_layers: int, attn_only: bool, parallel: bool = False) -> int:
+    """The node's row in the seq grid: 0 is ``Embed``, per layer attention, MLP; ``Out`` last.
+    A parallel block's MLP reads the block's input, as its heads do: it shares their row."""
+    per_layer = 1 if attn_only or parallel else 2
     if node.kind == "embed":
         return 0
     if node.kind == "out":
         return 1 + per_layer * n_layers
-    return 1 + per_layer * node.layer + (1 if node.kind == "mlp" else 0)
+    return 1 + per_layer * node.layer + (1 if node.kind == "mlp" and per_layer == 2 else 0)
 
 
-def row_labels(n_layers: int, attn_only: bool) -> list[str]:
+def row_labels(n_layers: int, attn_only: bool, parallel: bool = False) -> list[str]:
+    """The seq grid's row labels, bottom to top (``row_of``'s rows)."""
     labels = ["Embed"]
     for layer in range(n_layers):
+        if parallel and not attn_only:
+            labels.append(f"attn + MLP {layer}")
+            continue
         labels.append(f"attn {layer}")
         if not attn_only:
             labels.append(f"MLP {layer}")
@@ -130,7 +135,8 @@ def _cached_layout(shape: GraphShape, name: str) -> Layout:
     n_cols = 1 if n_positions is None else n_positions
     if name == "seq":
         base, spacing = _seq_cell(graph)
-        rows = tuple((float(i), lab) for i, lab in enumerate(row_labels(n_layers, attn_only)))
+        rows = tuple((float(i), lab)
+                     for i, lab in enumerate(row_labels(n_layers, attn_only, graph.parallel)))
         col_width = 1.0
     else:
         base, spacing = _networkx_cell(graph.n_layers, graph.n_heads, graph.attn_only, name)
@@ -235,7 +241,7 @@ def _seq_cell(graph: CircuitGraph) -> tuple[dict[str, Point], float]:
     for node in graph.nodes:
         if node.position not in (None, 0):
             continue
-        y = float(row_of(node, graph.n_layers, graph.attn_only))
+        y = float(row_of(node, graph.n_layers, graph.attn_only, graph.parallel))
         if node.kind == "head":
             assert node.head is not None
             x = slot_x[node.head]

@@ -51,6 +51,15 @@ def test_seq_rows_bottom_to_top(attn_only: bool, n_positions: int | None) -> Non
         ["Embed", "attn 0", "attn 1"] if attn_only else ["Embed", "attn 0", "MLP 0"])
 
 
+def test_a_parallel_blocks_mlp_shares_its_heads_row() -> None:
+    """Attention and MLP of a parallel block read the same stream: one row per layer, the MLP
+    in its lane right of the heads."""
+    lay = layout_of(CircuitGraph(2, 4, parallel=True))
+    assert [label for _, label in lay.rows] == ["Embed", "attn + MLP 0", "attn + MLP 1", "Out"]
+    (hx, hy), (mx, my) = lay.nodes["A1.3"], lay.nodes["MLP1"]
+    assert hy == my and mx > hx and lay.nodes["MLP0"][1] < hy
+
+
 def test_seq_columns_are_positions_and_heads_sit_side_by_side() -> None:
     g = CircuitGraph(2, 5, n_positions=4)
     lay = layout_of(g)
