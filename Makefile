@@ -46,7 +46,8 @@ test-tl3: install   ## the HookedTransformer tests, in an environment with Trans
 	$(PY) -c "import site, sysconfig; print(f'import site; site.addsitedir({sysconfig.get_paths()[\"purelib\"]!r})')" \
 	  > "$$(.venv-tl3/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/acdc_viz_base.pth"
 	.venv-tl3/bin/python -m pip install --quiet --disable-pip-version-check 'transformer-lens==3.9.0'
-	.venv-tl3/bin/python -m pytest -q tests/test_hooked_transformer.py
+	ACDC_VIZ_TL4_PYTHON=$(PY) .venv-tl3/bin/python -m pytest -q tests/test_hooked_transformer.py \
+	  tests/test_tl3_families.py
 
 test-binder: install  ## binder/requirements.txt in a fresh venv, the quickstart run in it; prints size and peak memory
 	$(PY) -m pytest -q -s -m binder tests/test_binder.py

@@ -29,7 +29,7 @@ import torch
 
 from acdc_viz.acdc import Acdc
 from acdc_viz.data import TokenPairs
-from acdc_viz.errors import SettingsError
+from acdc_viz.errors import ModelSupportError, SettingsError
 from acdc_viz.figure import TRACE_IDS, build_figure, update_figure
 from acdc_viz.layout import LAYOUTS
 from acdc_viz.patching import ABLATIONS
@@ -186,6 +186,9 @@ class Explorer:
         self.runs: dict[RunKey, Acdc] = {}
         self.acdc: Acdc | None = None
         self.error: str | None = None
+        self.refused: str | None = None
+        """Why acdc_viz refuses the model (a ``ModelSupportError``), or None: with a refused
+        model every control is disabled and the message stays on show."""
         self._thread: threading.Thread | None = None
         self._pause = threading.Event()
         self._stop = threading.Event()
@@ -433,6 +436,8 @@ class Explorer:
             except Exception as exc:  # noqa: BLE001 - shown in the widget, never raised into the cell
                 self.acdc = None
                 self._show_error(exc)
+                if isinstance(exc, ModelSupportError):   # the model, whatever the settings
+                    self._refuse_model(exc)
                 self._sync_buttons()
                 return
             self._stopped.discard(key)
@@ -554,7 +559,7 @@ class Explorer:
         box (``LOW:HIGH:COUNT`` or a comma list), ``executor`` to its dropdown; ``options`` go to
         ``acdc_viz.sweep`` (``address``, ``num_cpus``, ``num_gpus``, ...).
         """
-        if self.sweeping:
+        if self.sweeping or self.refused is not None:
             return
         spec = self.sweep_taus.value if taus is None else taus
         try:
@@ -664,6 +669,8 @@ class Explorer:
             self.tau_text.value = text
 
     def _sync_sweep_buttons(self) -> None:
+        if self.refused is not None:
+            return
         sweeping = self.sweeping
         self.sweep_buttons["Sweep"].disabled = sweeping
         self.sweep_buttons["Cancel"].disabled = not sweeping
@@ -733,7 +740,23 @@ class Explorer:
         per_step = sum(s.seconds for s in recent) / len(recent)
         return f"ETA {remaining * per_step:.0f} s" if remaining * per_step >= 1 else "ETA <1 s"
 
+    def _refuse_model(self, exc: ModelSupportError) -> None:
+        """The model cannot run at any setting: say so in the status line, disable every
+        control (the message and the log keep the reason)."""
+        self.refused = str(exc)
+        self.status_label.value = "<b>model not supported</b>: no ACDC run is possible"
+        controls = [self.tau_slider, self.tau_text, self.metric_dropdown, self.ablation_dropdown,
+                    self.positions_toggle, self.device_dropdown, self.layout_dropdown,
+                    self.show_removed, self.replay, self.play, self.sweep_taus,
+                    self.sweep_executor, *self.sweep_buttons.values(), *self.exports.values()]
+        for control in controls:
+            control.disabled = True
+
     def _sync_buttons(self) -> None:
+        if self.refused is not None:
+            for button in self.buttons.values():
+                button.disabled = True
+            return
         running = self.running
         key = self.run_key()
         finished = self.acdc is None or self.acdc.done or key in self._stopped or key is None

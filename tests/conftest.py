@@ -152,3 +152,14 @@ def assert_engine_equals_reference(bridge, weights, *, tau, ablation, positions,
         traces.append(trace)
     assert 0 < sum(r.removed for r in ref) < len(ref), "tau should give a mixed circuit"
     return traces
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """Point huggingface_hub at an empty cache, so nothing can come from a real one."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache

@@ -94,17 +94,6 @@ def assert_fast_hub_failure(name: str) -> ModelLoadError:
     return info.value
 
 
-@pytest.fixture
-def empty_hf_cache(tmp_path, monkeypatch):
-    """Point huggingface_hub at an empty cache, so nothing can come from a real one."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_hub_name_fails_fast_with_instructions_when_offline(monkeypatch, empty_hf_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = str(assert_fast_hub_failure("gpt2"))

@@ -133,6 +133,30 @@ def test_a_model_without_what_the_engine_needs_shows_the_message():
     assert "TransformerLens" in ex.message.value and ex.acdc is None
 
 
+@pytest.mark.parametrize(("name", "features"), [
+    ("bloom", ["ALiBi", "LayerNorm right after the embedding"]),
+    ("falcon-new-decoder", ["new_decoder_architecture"]),
+])
+def test_a_refused_family_shows_why_with_every_control_disabled(family, name, features):
+    """No traceback into the cell: the message names the features and the families that work,
+    the status line says no run is possible, and nothing can be started."""
+    from model_families import VOCAB
+
+    ex = Explorer(family(name).bridge, token_pairs(d_vocab=VOCAB))
+    assert ex.acdc is None and ex.refused is not None
+    for words in [*features, "ModelSupportError", "GPT-NeoX/Pythia", "Llama"]:
+        assert words in ex.message.value, words
+    assert "model not supported" in ex.status_label.value
+    assert any("ModelSupportError" in out.get("text", "") for out in ex.log_output.outputs)
+    controls = [*ex.buttons.values(), *ex.sweep_buttons.values(), *ex.exports.values(),
+                ex.tau_slider, ex.tau_text, ex.metric_dropdown, ex.ablation_dropdown,
+                ex.positions_toggle, ex.device_dropdown]
+    assert all(control.disabled for control in controls)
+    ex.run()
+    ex.sweep()
+    assert not ex.running and not ex.sweeping and ex.acdc is None
+
+
 def test_clicking_a_node_highlights_its_paths(explorer):
     explorer.tau_text.value = "1e-6"
     explorer.run()

@@ -5,7 +5,8 @@ weights arrive:
 
 - a local directory in Hugging Face format (``save_pretrained``) is loaded offline with
   ``transformers`` and wrapped with ``TransformerBridge.boot_transformers(..., hf_model=...)``;
-  a directory without tokenizer files still works, because ACDC feeds token ids, not text;
+  a directory without tokenizer files still works, with a placeholder tokenizer, because ACDC
+  feeds token ids, not text (so does a hub model cached without them, offline);
 - a hub name goes to ``TransformerBridge.boot_transformers``, or, for the pre-HF-format
   TransformerLens checkpoints (``attn-only-4l``, ``redwood_attn_2l``, ``NeelNanda/...``,
   ``ArthurConmy/...``), to ``TransformerBridge.boot_tl_legacy``.
@@ -14,7 +15,9 @@ Offline, ``huggingface_hub`` retries a missing file with exponential backoff for
 seconds before giving up. :func:`load_model` avoids that wait: when ``HF_HUB_OFFLINE`` (or
 ``TRANSFORMERS_OFFLINE``) is set, or a quick probe shows the hub is unreachable, the load runs in
 hub offline mode, so weights already in the local cache still load and missing ones fail at
-once with a :class:`ModelLoadError` that says how to bring the weights over.
+once with a :class:`ModelLoadError` that says how to bring the weights over. A model that
+TransformerLens cannot wrap is a :class:`ModelLoadError` too, naming what acdc_viz would refuse in
+it anyway.
 """
 
 from __future__ import annotations
@@ -165,13 +168,36 @@ def _load_directory(directory: Path, *, device: str | torch.device, dtype: torch
         bridge = TransformerBridge.boot_transformers(
             str(directory), hf_model=hf_model, device=device, dtype=dtype, tokenizer=tokenizer
         )
-    except (OSError, ValueError, KeyError, NotImplementedError) as err:
-        raise ModelLoadError(
-            f"TransformerLens could not wrap the model in {directory} "
-            f"({type(err).__name__}: {err}). Check that its architecture is supported: "
-            "TransformerBridge.list_supported_models()."
-        ) from err
+    except _BOOT_ERRORS as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ModelLoadError(_boot_failure_message(str(directory), hf_model.config, err)) from err
     return bridge.eval()
+
+
+#: What ``boot_transformers`` raises for a model it cannot wrap (RuntimeError: an HF module with
+#: a part its adapter does not declare, such as Phi's ``qk_layernorm``).
+_BOOT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, KeyError, NotImplementedError, RuntimeError,
+)
+
+
+def _boot_failure_message(where: str, hf_config: Any, err: BaseException) -> str:
+    """Why TransformerLens 4 could not wrap a loaded model, with acdc_viz's own verdict on its
+    architecture when acdc_viz would refuse it anyway."""
+    from acdc_viz.models.support import SUPPORTED_FAMILIES, config_problems
+
+    message = (
+        f"TransformerLens 4 could not wrap the model {where} ({describe(err)}). Check that "
+        "its architecture is supported: TransformerBridge.list_supported_models()."
+    )
+    problems = config_problems(hf_config) if hf_config is not None else []
+    if problems:
+        message += (
+            " acdc_viz would refuse it in any case: " + "; ".join(problems) + ". "
+            + SUPPORTED_FAMILIES
+        )
+    return message
 
 
 def _placeholder_tokenizer(hf_config: Any) -> Any:
@@ -315,12 +341,66 @@ def _load_from_hub(name: str, *, device: str | torch.device, dtype: torch.dtype)
                 boot_tl_legacy = cast(Any, TransformerBridge).boot_tl_legacy
                 bridge = boot_tl_legacy(legacy, device=device, dtype=dtype)
             else:
-                bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+                tokenizer = None if reachable else _cached_placeholder_tokenizer(name)
+                bridge = TransformerBridge.boot_transformers(
+                    name, device=device, dtype=dtype, tokenizer=tokenizer
+                )
     except _hub_errors() as err:
         raise ModelLoadError(
             _hub_failure_message(name, legacy, reachable=reachable, err=err)
         ) from err
+    except _BOOT_ERRORS as err:  # the files are there, but TransformerLens cannot wrap them
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ModelLoadError(_boot_failure_message(repr(name), _cached_config(name), err)) from err
     return bridge.eval()
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The local cache's snapshot directory of hub model ``name`` (holding its config.json),
+    or None. Reads the cache only, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _cached_config(name: str) -> Any:
+    """The Hugging Face config of a cached hub model, or None."""
+    snapshot = _cached_snapshot(name)
+    if snapshot is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(snapshot, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _cached_placeholder_tokenizer(name: str) -> Any:
+    """Offline, for a hub model whose cached snapshot has no tokenizer files: the placeholder
+    tokenizer (as for a local directory). None otherwise, so that ``boot_transformers`` loads
+    the real one (or reports the missing files).
+
+    Without it, ``boot_transformers`` would fail on the missing tokenizer for some families
+    (Llama) and silently build an empty one for others (Qwen2, Phi).
+    """
+    snapshot = _cached_snapshot(name)
+    if snapshot is None or any((snapshot / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    config = _cached_config(name)
+    if config is None or getattr(config, "vocab_size", None) is None:
+        return None
+    logger.warning(
+        "the cached %r has no tokenizer files; using a placeholder tokenizer (token <i> is id "
+        "i). ACDC works on token ids, so this only affects text shown to people.",
+        name,
+    )
+    return _placeholder_tokenizer(config)
 
 
 def _hub_failure_message(name: str, legacy: str | None, *, reachable: bool,
@@ -348,7 +428,8 @@ def _hub_failure_message(name: str, legacy: str | None, *, reachable: bool,
             "--model DIR / load_model(DIR); build_tiny_gpt2(DIR) makes a small one)."
         )
     return (
-        f"{what} To use these weights offline: on a machine with access run "
+        f"{what} To use these weights offline: on a machine with access (and HF_TOKEN set, for "
+        "a gated model such as Llama or Gemma) run "
         f"`transformers.AutoModelForCausalLM.from_pretrained({name!r}).save_pretrained(DIR)` "
         f"(and `transformers.AutoTokenizer.from_pretrained({name!r}).save_pretrained(DIR)`), "
         "copy DIR here and pass its path (--model DIR / load_model(DIR)); or set HF_HOME to a "
