@@ -85,10 +85,14 @@ _LABELS = {
 _KEPT = {("+", 0): 2, ("+", 1): 3, ("+", 2): 4, ("-", 0): 5, ("-", 1): 6, ("-", 2): 7}
 _REMOVED, _UNTESTED, _UNDER_TEST, _PATHS, _HOVER, _NODES = 0, 1, 8, 9, 10, 11
 _EDGE_TRACES = (_REMOVED, _UNTESTED, *_KEPT.values(), _UNDER_TEST)
-_NODE_FILL = {"embed": "#3A3A3A", "out": "#3A3A3A", "head": SKY_BLUE, "mlp": ORANGE}
-_NODE_SYMBOL = {"embed": "diamond", "out": "diamond", "head": "circle", "mlp": "square"}
+_NODE_FILL = {"embed": "#3A3A3A", "out": "#3A3A3A", "head": SKY_BLUE, "attn": SKY_BLUE,
+              "mlp": ORANGE}
+_NODE_SYMBOL = {"embed": "diamond", "out": "diamond", "head": "circle", "attn": "hexagon",
+                "mlp": "square"}
 _KIND_TEXT = {"embed": "embedding (residual stream at the start)", "out": "output (final "
-              "residual stream)", "head": "attention head", "mlp": "MLP"}
+              "residual stream)", "head": "attention head", "mlp": "MLP",
+              "attn": "the layer's attention output, summed over its heads and normed (sandwich "
+                      "norm): the layer's one attention source"}
 _PORT_TEXT = {"q": "query", "k": "key", "v": "value"}
 _META_KEY = "acdc_viz"
 
@@ -254,6 +258,9 @@ def _port_links(shape: GraphShape, causal: bool) -> _PortLinks:
                 for node in graph.reading_nodes(dest):
                     link_from.append(vid)
                     link_to.append(node_index[node_key(node, t)])
+    for head, output in graph.head_links():          # sandwich norms: a head feeds its layer
+        link_from.append(node_index[head])
+        link_to.append(node_index[output])
     edge_port = np.fromiter(
         (ports.get(node_key(e.dest.name, e.position),
                    node_index.get(node_key(e.dest.node, e.position), -1))
@@ -284,6 +291,7 @@ class _Geometry:
     node_static_hover: tuple[str, ...]
     port_names: tuple[str, ...]
     port_text: tuple[str, ...]
+    head_links: str  # an SVG path of the fixed head -> layer output links (sandwich norms)
     port_x: np.ndarray
     port_y: np.ndarray
 
@@ -316,7 +324,11 @@ def _geometry(shape: GraphShape, layout_name: str) -> _Geometry:
     return _Geometry(lay, tuple(e.name for e in edges), ex, ey, mid_x, mid_y, src, dst_edge,
                      dst_node, node_keys, node_index, p0[:, 0], p0[:, 1],
                      tuple(n.kind for n in graph.nodes), static_hover, port_names,
-                     _port_texts(graph, port_names), ports[:, 0], ports[:, 1])
+                     _port_texts(graph, port_names),
+                     " ".join(f"M {lay.nodes[a][0]:.6g},{lay.nodes[a][1]:.6g} "
+                              f"L {lay.nodes[b][0]:.6g},{lay.nodes[b][1]:.6g}"
+                              for a, b in graph.head_links()),
+                     ports[:, 0], ports[:, 1])
 
 
 def _port_texts(graph: CircuitGraph, port_names: tuple[str, ...]) -> tuple[str, ...]:
@@ -403,7 +415,7 @@ def _detour(start: np.ndarray, end: np.ndarray, lay: Layout, graph: CircuitGraph
 
 def _node_static_hover(node: Any) -> str:
     parts = [f"<b>{node.key}</b>", _KIND_TEXT[node.kind]]
-    if node.kind in ("head", "mlp"):
+    if node.kind in ("head", "attn", "mlp"):
         parts.append(f"layer {node.layer}" + ("" if node.head is None else f", head {node.head}"))
     return "<br>".join(parts)
 
@@ -683,7 +695,7 @@ def _node_labels(geo: _Geometry) -> list[str]:
     if geo.layout.name == "seq":
         if geo.layout.node_px < 13:
             return [""] * n
-        return [k.split("@")[0].split(".")[1] if kind == "head" else ""
+        return [k.split("@")[0].split(".")[1] if kind == "head" else "Σ" if kind == "attn" else ""
                 for k, kind in zip(geo.node_keys, geo.node_kind, strict=True)]
     if n / len(geo.layout.columns) > 80 or geo.layout.node_px < 8:
         return [""] * n
@@ -715,4 +727,7 @@ def _apply_axes(fig: AnyFigure, trace: Trace, geo: _Geometry) -> None:
                "zeroline": False, "tickmode": "array", "ticks": "", "showline": False,
                "tickvals": [r[0] for r in lay.rows], "ticktext": [r[1] for r in lay.rows]},
         meta={_META_KEY: {"layout": lay.name, "graph": list(trace.graph.shape)}},
+        # sandwich norms: fixed, never-tested links from each head to its layer's output
+        shapes=[{"type": "path", "path": geo.head_links, "layer": "below",
+                 "line": {"color": GREY, "width": 1.0, "dash": "dot"}}] if geo.head_links else [],
     )

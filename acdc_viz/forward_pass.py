@@ -73,8 +73,13 @@ def full_run(weights: TransformerWeights, tokens: torch.Tensor,
         q, k, v = weights.qkv(layer, layer_weights.ln1(resid))
         kv.append((k, v))
         heads = weights.attention(layer, q, k, v)
-        sources.extend(heads.unbind(0))
-        resid = resid + heads.sum(0) + layer_weights.b_O
+        if weights.sandwich:                        # the layer's normed output is one source
+            attention = layer_weights.attention_output(heads)
+            sources.append(attention)
+            resid = resid + attention
+        else:
+            sources.extend(heads.unbind(0))
+            resid = resid + heads.sum(0) + layer_weights.b_O
         resid_mid.append(resid)
         if not weights.attn_only:
             out = layer_weights.mlp(block_input if parallel else resid, weights.act)
@@ -113,9 +118,13 @@ class PassRunner:
         self.n_kv_heads = weights.n_kv_heads
         self.group_of = weights.kv_group or tuple(range(self.n_heads))  # a head's key/value head
         self.n_sources = len(graph.sources)
+        # each layer's first attention source: its first head, or with sandwich norms its one
+        # normed attention output
         self.first_head = [graph.sources.index(next(s for s in graph.sources if s.layer == layer))
                            for layer in range(self.n_layers)]
-        self.mlp_source = [first + self.n_heads for first in self.first_head]
+        self.sandwich = graph.sandwich
+        self.mlp_source = [first + (1 if self.sandwich else self.n_heads)
+                           for first in self.first_head]
         self.index = edges.index
         self.parallel = weights.parallel and not weights.attn_only
         self.buffers = WorkBuffers(weights.dtype, weights.device)
@@ -239,10 +248,35 @@ class PassRunner:
             else:
                 shared_out = heads_out()
         first_head = self.first_head[layer]
+        if self.sandwich:
+            self._store_normed(state, layer, query_from, shared_out, dependent_out)
+            return
         self._store(state, query_from,
                     shared_sources=[first_head + h for h in shared_heads], shared_out=shared_out,
                     dep_sources=[first_head + h for h in dep_heads], dep_out=dependent_out,
                     bias=layer_weights.b_O)
+
+    def _store_normed(self, state: PassState, layer: int, from_pos: int,
+                      shared_out: torch.Tensor | None,
+                      dependent_out: Callable[[], torch.Tensor] | None) -> None:
+        """Record a layer's normed attention output (sandwich norms: the layer's one attention
+        source) from its heads' outputs: shared when no head differs between hypotheses, else
+        per hypothesis, the shared heads' outputs repeated for each."""
+        output, source = self.weights.layers[layer].attention_output, self.first_head[layer]
+        if dependent_out is None:
+            assert shared_out is not None
+            self._store(state, from_pos, shared_sources=[source],
+                        shared_out=output(shared_out).unsqueeze(0))
+            return
+        n = state.n_hypotheses
+
+        def per_hypothesis() -> torch.Tensor:
+            heads = dependent_out()
+            if shared_out is not None:
+                heads = torch.cat([heads, shared_out.repeat(1, n, 1, 1)])
+            return output(heads).unsqueeze(0)
+
+        self._store(state, from_pos, dep_sources=[source], dep_out=per_hypothesis)
 
     def _finish(self, norm: Callable[[torch.Tensor], torch.Tensor] | None,
                 start: int) -> Callable[[torch.Tensor], torch.Tensor] | None:

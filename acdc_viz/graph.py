@@ -9,7 +9,10 @@ attend (its key) is a different circuit from one that copies it (its value).
 
 Names (used in traces, hover texts, the CLI and tests):
 
-- sources: ``Embed``, ``A{l}.{h}`` (head output), ``MLP{l}`` (MLP output);
+- sources: ``Embed``, ``A{l}.{h}`` (head output), ``MLP{l}`` (MLP output); with sandwich norms
+  (Gemma 2: the layer's summed attention output is normed before the residual add, so no single
+  head's output is added to the stream) the layer's normed attention output ``A{l}`` instead of
+  its heads;
 - destinations: ``A{l}.{h}.q|k|v``, ``MLP{l}`` (MLP input), ``Out`` (final residual stream);
   with grouped- or multi-query attention the key and value inputs belong to the KV group that
   query heads share: ``A{l}.kv{g}.k|v`` (group g serves heads g*r .. g*r + r - 1, r = n_heads /
@@ -37,12 +40,12 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import networkx as nx
 
-SourceKind = Literal["embed", "head", "mlp"]
+SourceKind = Literal["embed", "head", "attn", "mlp"]
 DestKind = Literal["q", "k", "v", "mlp", "out"]
-NodeKind = Literal["embed", "head", "mlp", "out"]
-GraphShape = tuple[int, int, bool, int | None, bool, int]
-"""``(n_layers, n_heads, attn_only, n_positions, parallel, n_kv_heads)``: what determines a
-``CircuitGraph``."""
+NodeKind = Literal["embed", "head", "attn", "mlp", "out"]
+GraphShape = tuple[int, int, bool, int | None, bool, int, bool]
+"""``(n_layers, n_heads, attn_only, n_positions, parallel, n_kv_heads, sandwich)``: what
+determines a ``CircuitGraph``."""
 QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
 
 
@@ -50,8 +53,9 @@ QKV: tuple[DestKind, DestKind, DestKind] = ("q", "k", "v")
 class Source:
     """Something that writes to the residual stream.
 
-    ``index`` is its place in forward order (``Embed`` is 0, then each layer's heads, then its
-    MLP); the engine uses it to index stacked activations. ``Embed`` has layer -1.
+    ``index`` is its place in forward order (``Embed`` is 0, then each layer's heads, or its
+    normed attention output ``A{l}`` with sandwich norms, then its MLP); the engine uses it to
+    index stacked activations. ``Embed`` has layer -1.
     """
 
     name: str
@@ -121,7 +125,7 @@ def _feeds(src: Source, dest: Destination, parallel: bool = False) -> bool:
     reads the block's input, as its attention does, so no head of its layer feeds it."""
     if src.layer < dest.layer:
         return True
-    return (not parallel and src.layer == dest.layer and src.kind == "head"
+    return (not parallel and src.layer == dest.layer and src.kind in ("head", "attn")
             and dest.kind == "mlp")
 
 
@@ -144,11 +148,15 @@ class CircuitGraph:
         n_kv_heads: key/value heads per block when fewer than ``n_heads`` (grouped- or
             multi-query attention): the k and v destinations are then per KV group,
             ``A{l}.kv{g}.k|v``. ``None`` (or ``n_heads``): every head has its own.
+        sandwich: the summed attention output is normed before the residual add (Gemma 2's
+            sandwich norms): each layer's attention is one source, ``A{l}``, drawn as a node
+            that its heads feed; the heads stay destinations (their q/k/v inputs).
     """
 
     def __init__(
         self, n_layers: int, n_heads: int, *, attn_only: bool = False,
         n_positions: int | None = None, parallel: bool = False, n_kv_heads: int | None = None,
+        sandwich: bool = False,
     ) -> None:
         """Build the sources and destinations; the edges follow lazily (``edges``)."""
         if n_layers < 1 or n_heads < 1:
@@ -166,11 +174,14 @@ class CircuitGraph:
         self.n_positions = n_positions
         self.parallel = bool(parallel) and not attn_only
         self.n_kv_heads = n_kv
+        self.sandwich = bool(sandwich)
         group_size = n_heads // n_kv
 
         sources: list[Source] = [Source("Embed", "embed", -1, None, 0)]
         for layer in range(n_layers):
-            for head in range(n_heads):
+            if self.sandwich:
+                sources.append(Source(f"A{layer}", "attn", layer, None, len(sources)))
+            for head in range(0 if self.sandwich else n_heads):
                 sources.append(Source(f"A{layer}.{head}", "head", layer, head, len(sources)))
             if not attn_only:
                 sources.append(Source(f"MLP{layer}", "mlp", layer, None, len(sources)))
@@ -210,14 +221,15 @@ class CircuitGraph:
         return cls(cfg.n_layers, cfg.n_heads, attn_only=bool(getattr(cfg, "attn_only", False)),
                    n_positions=n_positions,
                    parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
-                   n_kv_heads=int(n_kv) if n_kv else None)
+                   n_kv_heads=int(n_kv) if n_kv else None,
+                   sandwich=bool(getattr(cfg, "use_normalization_before_and_after", False)))
 
     @classmethod
     def from_shape(cls, shape: GraphShape) -> CircuitGraph:
         """The graph of a ``CircuitGraph.shape`` (caches key on the shape, not on a graph)."""
-        n_layers, n_heads, attn_only, n_positions, parallel, n_kv_heads = shape
+        n_layers, n_heads, attn_only, n_positions, parallel, n_kv_heads, sandwich = shape
         return cls(n_layers, n_heads, attn_only=attn_only, n_positions=n_positions,
-                   parallel=parallel, n_kv_heads=n_kv_heads)
+                   parallel=parallel, n_kv_heads=n_kv_heads, sandwich=sandwich)
 
     def sources_of(self, dest: Destination) -> list[Source]:
         """The sources that feed ``dest``, latest first (the visit order)."""
@@ -250,12 +262,16 @@ class CircuitGraph:
 
     @cached_property
     def nodes(self) -> tuple[Node, ...]:
-        """The drawn nodes, bottom to top (Embed, then per layer heads and MLP, then Out)."""
+        """The drawn nodes, bottom to top (Embed, then per layer heads, the normed attention
+        output with sandwich norms, and MLP, then Out)."""
         positions: list[int | None] = (
             [None] if self.n_positions is None else list(range(self.n_positions))
         )
-        kinds: list[tuple[str, NodeKind, int, int | None]] = [
-            (s.name, s.kind, s.layer, s.head) for s in self.sources]
+        kinds: list[tuple[str, NodeKind, int, int | None]] = []
+        for s in self.sources:
+            if s.kind == "attn":        # its heads are drawn (they are destinations) below it
+                kinds.extend((f"A{s.layer}.{h}", "head", s.layer, h) for h in range(self.n_heads))
+            kinds.append((s.name, s.kind, s.layer, s.head))
         kinds.append(("Out", "out", self.n_layers, None))
         return tuple(Node(n, k, lay, h, p) for (n, k, lay, h) in kinds for p in positions)
 
@@ -264,7 +280,9 @@ class CircuitGraph:
 
         Node keys are ``Node.key`` (``A1.2`` or ``A1.2@5``) with attributes ``kind``, ``layer``,
         ``head`` and ``position``; each graph edge is keyed by the ACDC edge name and carries
-        ``port`` (``q``/``k``/``v``/``mlp``/``out``) and ``order`` (its place in the visit order).
+        ``port`` (``q``/``k``/``v``/``mlp``/``out``) and ``order`` (its place in the visit order);
+        with sandwich norms, ``head_links`` are edges too, with ``port`` ``link`` and ``order``
+        None.
         Parallel edges exist because a head is read through three ports. An edge into a KV group's
         key or value input (grouped-query attention) appears once per query head that reads it,
         each copy with the same key and ``group`` set.
@@ -279,7 +297,20 @@ class CircuitGraph:
             for node in self.reading_nodes(e.dest):
                 g.add_edge(node_key(e.src.name, e.position), node_key(node, e.position),
                            key=e.name, port=e.dest.kind, order=i, group=e.dest.group)
+        for head, output in self.head_links():
+            g.add_edge(head, output, key=f"{head}=>{output}", port="link", order=None,
+                       group=None)
         return g
+
+    def head_links(self) -> list[tuple[str, str]]:
+        """With sandwich norms, the fixed links (node keys) from each head to its layer's normed
+        attention output, which ACDC never tests; empty otherwise."""
+        if not self.sandwich:
+            return []
+        positions: list[int | None] = (
+            [None] if self.n_positions is None else list(range(self.n_positions)))
+        return [(node_key(f"A{layer}.{h}", p), node_key(f"A{layer}", p))
+                for layer in range(self.n_layers) for h in range(self.n_heads) for p in positions]
 
     def reading_nodes(self, dest: Destination) -> tuple[str, ...]:
         """The drawn nodes whose computation reads ``dest``: its node, or for a KV group's key or
@@ -291,9 +322,9 @@ class CircuitGraph:
     @property
     def shape(self) -> GraphShape:
         """What determines the graph completely: layers, heads, attention-only, positions,
-        parallel blocks, key/value heads."""
+        parallel blocks, key/value heads, sandwich norms."""
         return (self.n_layers, self.n_heads, bool(self.attn_only), self.n_positions,
-                self.parallel, self.n_kv_heads)
+                self.parallel, self.n_kv_heads, self.sandwich)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CircuitGraph):
@@ -311,5 +342,6 @@ class CircuitGraph:
         mlp = ", attn_only=True" if self.attn_only else ""
         mlp += ", parallel=True" if self.parallel else ""
         mlp += f", n_kv_heads={self.n_kv_heads}" if self.grouped else ""
+        mlp += ", sandwich=True" if self.sandwich else ""
         return (f"CircuitGraph(n_layers={self.n_layers}, n_heads={self.n_heads}{mlp}{pos}; "
                 f"{len(self)} edges)")

@@ -131,7 +131,7 @@ def port_positions(graph: CircuitGraph, layout: str = "seq") -> dict[str, Point]
 def _cached_layout(shape: GraphShape, name: str) -> Layout:
     """The layout of the graph of ``shape``: one column's cell, tiled once per position."""
     graph = CircuitGraph.from_shape(shape)
-    n_layers, n_heads, attn_only, n_positions, _parallel, _n_kv_heads = shape
+    n_layers, n_heads, attn_only, n_positions = shape[:4]
     n_cols = 1 if n_positions is None else n_positions
     if name == "seq":
         base, spacing = _seq_cell(graph)
@@ -139,7 +139,8 @@ def _cached_layout(shape: GraphShape, name: str) -> Layout:
                      for i, lab in enumerate(row_labels(n_layers, attn_only, graph.parallel)))
         col_width = 1.0
     else:
-        base, spacing = _networkx_cell(graph.n_layers, graph.n_heads, graph.attn_only, name)
+        base, spacing = _networkx_cell(graph.n_layers, graph.n_heads, graph.attn_only,
+                                       graph.sandwich, name)
         rows = ()
         if name == "multipartite":
             rows = tuple([(0.0, "Embed")] + [(float(i + 1), f"layer {i}") for i in range(n_layers)]
@@ -245,6 +246,8 @@ def _seq_cell(graph: CircuitGraph) -> tuple[dict[str, Point], float]:
         if node.kind == "head":
             assert node.head is not None
             x = slot_x[node.head]
+        elif node.kind == "attn":          # sandwich norms: half a row above the heads it sums
+            x, y = heads_centre, y + 0.5
         else:
             x = mlp_x if node.kind == "mlp" else spine
         out[node.name] = (x, y)
@@ -252,12 +255,12 @@ def _seq_cell(graph: CircuitGraph) -> tuple[dict[str, Point], float]:
 
 
 @lru_cache(maxsize=32)
-def _networkx_cell(n_layers: int, n_heads: int, attn_only: bool,
+def _networkx_cell(n_layers: int, n_heads: int, attn_only: bool, sandwich: bool,
                    name: str) -> tuple[dict[str, Point], float]:
     """One position's networkx layout, by node name (every position's copy is the same graph)."""
     import networkx as nx
 
-    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only)
+    graph = CircuitGraph(n_layers, n_heads, attn_only=attn_only, sandwich=sandwich)
     g = graph.to_networkx()
     simple = nx.Graph()  # the layouts want one undirected edge per pair; keep the node order
     simple.add_nodes_from(g.nodes(data=True))

@@ -54,6 +54,11 @@ key/value head, for the shared and the per-hypothesis rows alike, caches them pe
 for the causal prefix, and repeats them for the query heads of their group only at the attention.
 A query head is recomputed per hypothesis when its q input or its group's k or v input differs.
 
+**Sandwich norms** (Gemma 2): the layer's summed attention output is normed before the residual
+add, so the layer's attention is one source, ``A{l}`` (``CircuitGraph(sandwich=True)``); a pass
+sums its heads (repeating the shared ones for each hypothesis when some differ) and norms them
+(``LayerWeights.attention_output``). The MLP's post-norm is part of the MLP's output.
+
 **Parallel blocks** (GPT-NeoX/Pythia with the MLP's own norm, Phi with the attention's norm):
 the MLP reads the block's input stream, not ``resid_mid``, so ``MLP{l}`` has no edges from
 ``A{l}.*`` (``CircuitGraph(parallel=True)``) and its corrections come only from sources below the
@@ -125,11 +130,12 @@ class CircuitRunner:
                 "refuses it rather than risk a wrong circuit (issue 13)."
             )
         parallel = weights.parallel and not weights.attn_only
-        if graph.parallel != parallel or graph.n_kv_heads != weights.n_kv_heads:
+        if graph != weights.circuit_graph(graph.n_positions):
             raise SettingsError(
-                f"the graph has parallel={graph.parallel} and {graph.n_kv_heads} key/value heads, "
-                f"but the model's blocks are {'parallel' if parallel else 'sequential'} with "
-                f"{weights.n_kv_heads}: build it with weights.circuit_graph()")
+                f"the graph has parallel={graph.parallel}, {graph.n_kv_heads} key/value heads "
+                f"and sandwich={graph.sandwich}, but the model's blocks are "
+                f"{'parallel' if parallel else 'sequential'} with {weights.n_kv_heads} and "
+                f"sandwich={weights.sandwich}: build it with weights.circuit_graph()")
         self.weights = weights
         self.graph = graph
         self.last_position_only = last_position_only

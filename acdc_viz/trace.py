@@ -377,6 +377,7 @@ class Trace:
                 "n_positions": g.n_positions,
                 **({"parallel": True} if g.parallel else {}),   # absent: sequential blocks
                 **({"n_kv_heads": g.n_kv_heads} if g.grouped else {}),  # absent: one per head
+                **({"sandwich": True} if g.sandwich else {}),   # absent: heads are sources
                 "nodes": [
                     {"name": n.name, "kind": n.kind, "layer": n.layer, "head": n.head,
                      "position": n.position}
@@ -399,7 +400,7 @@ class Trace:
         gd = d["graph"]
         graph = CircuitGraph(gd["n_layers"], gd["n_heads"], attn_only=gd["attn_only"],
                              n_positions=gd["n_positions"], parallel=gd.get("parallel", False),
-                             n_kv_heads=gd.get("n_kv_heads"))
+                             n_kv_heads=gd.get("n_kv_heads"), sandwich=gd.get("sandwich", False))
         _check_graph_lists(gd, graph, source)
         final = d["final"]
         trace = cls(
@@ -546,7 +547,7 @@ def _fast_node(n: Any) -> bool:
         type(n) is dict
         and n.keys() == _NODE_KEYS
         and type(n["name"]) is str
-        and n["kind"] in ("embed", "head", "mlp", "out")
+        and n["kind"] in ("embed", "head", "attn", "mlp", "out")
         and type(n["layer"]) is int and n["layer"] >= -1
         and (n["head"] is None or (type(n["head"]) is int and n["head"] >= 0))
         and (n["position"] is None or (type(n["position"]) is int and n["position"] >= 0))
@@ -619,7 +620,8 @@ def _check_graph_lists(gd: dict[str, Any], graph: CircuitGraph, source: str) -> 
     """Nodes and edges must be exactly what CircuitGraph builds, in its order."""
     spec = (f"CircuitGraph({graph.n_layers}, {graph.n_heads}, attn_only={graph.attn_only}, "
             f"n_positions={graph.n_positions}{', parallel=True' if graph.parallel else ''}"
-            f"{f', n_kv_heads={graph.n_kv_heads}' if graph.grouped else ''})")
+            f"{f', n_kv_heads={graph.n_kv_heads}' if graph.grouped else ''}"
+            f"{', sandwich=True' if graph.sandwich else ''})")
     expected_edges = [e.name for e in graph.edges]
     got_edges = gd["edges"]
     if got_edges != expected_edges:

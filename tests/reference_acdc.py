@@ -25,7 +25,11 @@ Destinations: ``A{l}.{h}.q|k|v`` (each head's private copy of the residual strea
 group, so their inputs are per group: ``A{l}.kv{g}.k|v`` (group g is read by
 query heads g*r .. g*r+r-1); queries stay ``A{l}.{h}.q``.  The bridge's
 ``hook_k_input`` / ``hook_v_input`` then have one copy per KV group
-(batch, pos, n_kv_heads, d_model), and group g's copy is patched.
+(batch, pos, n_kv_heads, d_model), and group g's copy is patched.  With sandwich
+norms (Gemma 2: the summed attention output is normed before the residual add)
+the attention source of a layer is its normed output ``A{l}``, recorded at
+``blocks.{l}.ln1_post.hook_out``, and the MLP source the normed MLP output at
+``blocks.{l}.ln2_post.hook_out``; heads remain destinations.
 Removing src->dest: dest_input <- dest_input - current(src) + ablated(src), where
 current(src) is src's output *in this very forward pass* (so it already reflects
 any patching of src's own inputs).  With positions, ``src->dest@p`` only changes
@@ -71,6 +75,7 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -98,7 +103,8 @@ class RefStep(NamedTuple):
 
 
 def _sources_before(
-    layer: int, n_heads: int, attn_only: bool, *, include_heads_of: int | None = None
+    layer: int, n_heads: int, attn_only: bool, *, include_heads_of: int | None = None,
+    sandwich: bool = False,
 ):
     """Sources, latest first, that are computed before a reader in layer ``layer``.
 
@@ -106,13 +112,16 @@ def _sources_before(
     reads after its own layer's attention).  Within a layer, the MLP is later
     than the heads, so it comes first; heads go from high to low; Embed is last.
     """
+    def attention(s: int) -> list[str]:
+        return [f"A{s}"] if sandwich else [f"A{s}.{h}" for h in reversed(range(n_heads))]
+
     out: list[str] = []
     if include_heads_of is not None:
-        out += [f"A{include_heads_of}.{h}" for h in reversed(range(n_heads))]
+        out += attention(include_heads_of)
     for s in reversed(range(layer)):
         if not attn_only:
             out.append(f"MLP{s}")
-        out += [f"A{s}.{h}" for h in reversed(range(n_heads))]
+        out += attention(s)
     out.append("Embed")
     return out
 
@@ -132,29 +141,31 @@ def _attention_inputs(layer: int, n_heads: int, n_kv: int) -> list[str]:
 
 def _destinations(
     n_layers: int, n_heads: int, attn_only: bool, parallel: bool = False,
-    n_kv: int | None = None,
+    n_kv: int | None = None, sandwich: bool = False,
 ) -> list[tuple[str, list[str]]]:
     """(destination, its sources in visit order), destinations in visit order.
 
     With ``parallel`` blocks, MLP{l} reads the block's input: no edge from its layer's heads.
     ``n_kv``: key/value heads per layer (None: as many as query heads).
     """
-    dests: list[tuple[str, list[str]]] = [("Out", _sources_before(n_layers, n_heads, attn_only))]
+    dests: list[tuple[str, list[str]]] = [
+        ("Out", _sources_before(n_layers, n_heads, attn_only, sandwich=sandwich))]
     for layer in reversed(range(n_layers)):
         if not attn_only:
             own_heads = None if parallel else layer
             dests.append(
                 (f"MLP{layer}",
-                 _sources_before(layer, n_heads, attn_only, include_heads_of=own_heads))
+                 _sources_before(layer, n_heads, attn_only, include_heads_of=own_heads,
+                                 sandwich=sandwich))
             )
         for dest in _attention_inputs(layer, n_heads, n_kv or n_heads):
-            dests.append((dest, _sources_before(layer, n_heads, attn_only)))
+            dests.append((dest, _sources_before(layer, n_heads, attn_only, sandwich=sandwich)))
     return dests
 
 
 def reference_edge_names(
     n_layers: int, n_heads: int, attn_only: bool, n_positions: int | None = None,
-    parallel: bool = False, n_kv: int | None = None,
+    parallel: bool = False, n_kv: int | None = None, sandwich: bool = False,
 ) -> list[str]:
     """All edges in ACDC visit order.
 
@@ -162,7 +173,7 @@ def reference_edge_names(
     expands to ``src->dest@p`` for p = n_positions-1 .. 0, consecutively.
     """
     names: list[str] = []
-    for dest, srcs in _destinations(n_layers, n_heads, attn_only, parallel, n_kv):
+    for dest, srcs in _destinations(n_layers, n_heads, attn_only, parallel, n_kv, sandwich):
         for src in srcs:
             if n_positions is None:
                 names.append(f"{src}->{dest}")
@@ -171,7 +182,7 @@ def reference_edge_names(
     return names
 
 
-_SRC_RE = re.compile(r"^(Embed|A(\d+)\.(\d+)|MLP(\d+))$")
+_SRC_RE = re.compile(r"^(Embed|A(\d+)\.(\d+)|A(\d+)|MLP(\d+))$")
 _DEST_RE = re.compile(r"^(Out|MLP(\d+)|A(\d+)\.(\d+)\.([qkv])|A(\d+)\.kv(\d+)\.([kv]))$")
 
 
@@ -208,6 +219,7 @@ class _Info(NamedTuple):
     parallel: bool = False  # parallel attention + MLP blocks
     mlp_hook: str = "hook_mlp_in"  # blocks.{l}.<this>: where the MLP destination is patched
     n_kv: int | None = None  # key/value heads per layer when fewer than n_heads (KV groups)
+    sandwich: bool = False  # normed attention/MLP outputs: one attention source per layer
 
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -254,12 +266,16 @@ def _prepared(bridge) -> Iterator[_Info]:
         parallel = not attn_only and (bool(getattr(cfg, "parallel_attn_mlp", False))
                                       or block == "ParallelBlockBridge")
         # A parallel block whose MLP shares ln1 (Phi) has no ln2: hook_mlp_in never fires there.
-        mlp_hook = ("ln1.hook_in" if parallel and "blocks.0.ln2.hook_in" not in bridge.hook_dict
-                    else "hook_mlp_in")
+        # (TL 3's norms have no hook_in; its parallel blocks fire hook_mlp_in.)
+        mlp_hook = ("ln1.hook_in" if parallel and "blocks.0.ln1.hook_in" in bridge.hook_dict
+                    and "blocks.0.ln2.hook_in" not in bridge.hook_dict else "hook_mlp_in")
         if parallel and mode != "split":
             raise NotImplementedError("reference_acdc: parallel blocks need the split inputs")
+        sandwich = "blocks.0.ln1_post.hook_out" in bridge.hook_dict
+        if sandwich and mode != "split":
+            raise NotImplementedError("reference_acdc: sandwich norms need the split inputs")
         yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws, out_hook,
-                    parallel, mlp_hook, n_kv)
+                    parallel, mlp_hook, n_kv, sandwich)
     finally:
         for f, v in old_flags.items():
             cur = bool(getattr(cfg, f, False))
@@ -288,6 +304,17 @@ def _source_hooks(info: _Info, store: dict[str, torch.Tensor]) -> list:
 
     hooks.append(("blocks.0.hook_resid_pre", rec_embed))
     for layer in range(info.n_layers):
+        if info.sandwich:
+
+            def rec_normed(x, hook, name=f"A{layer}"):
+                store[name] = x.detach()
+                return x
+
+            hooks.append((f"blocks.{layer}.ln1_post.hook_out", rec_normed))
+            if not info.attn_only:
+                hooks.append((f"blocks.{layer}.ln2_post.hook_out",
+                              partial(rec_normed, name=f"MLP{layer}")))
+            continue
         if info.mode == "split":
 
             def rec_result(x, hook, layer=layer):
@@ -397,7 +424,8 @@ def _dest_hooks(info: _Info, removed: list[_Edge], current: dict, ablated: dict)
 
 def _validate(edges: list[_Edge], info: _Info, seq: int) -> None:
     valid = set(reference_edge_names(info.n_layers, info.n_heads, info.attn_only,
-                                     parallel=info.parallel, n_kv=info.n_kv))
+                                     parallel=info.parallel, n_kv=info.n_kv,
+                                     sandwich=info.sandwich))
     for e in edges:
         if f"{e.src}->{e.dest}" not in valid:
             raise ValueError(f"edge {e.src}->{e.dest} is not in the graph")
@@ -503,7 +531,7 @@ def reference_acdc(
         full, _ = _forward(bridge, info, clean, [], None)
         names = reference_edge_names(
             info.n_layers, info.n_heads, info.attn_only, clean.shape[1] if positions else None,
-            parallel=info.parallel, n_kv=info.n_kv,
+            parallel=info.parallel, n_kv=info.n_kv, sandwich=info.sandwich,
         )
         removed: list[_Edge] = []
 

@@ -48,6 +48,7 @@ SUPPORTED = {
     "qwen3": (24, False, 2, True, False, True, True, False, False, None),
     "mistral": (16, False, 2, True, False, True, True, False, False, None),
     "gemma": (16, False, 2, True, False, True, True, False, False, 8.0),
+    "gemma2": (16, False, 2, True, False, True, True, False, False, 8.0),
     "phi": (8, False, 4, False, True, False, True, False, True, None),
     "gptj": (8, True, 4, False, True, False, False, True, True, None),
     "olmo": (16, False, 4, True, False, True, True, False, False, None),
@@ -55,8 +56,7 @@ SUPPORTED = {
 }
 #: Refused families: the words the ModelSupportError must contain.
 REFUSED = {
-    "gemma2": ["sandwich norms", "soft-capping"],
-    "olmo2": ["sandwich norms", "q/k norms over all heads"],
+    "olmo2": ["post-norms without pre-norms", "q/k norms over all heads"],
     "olmo-clip-qkv": ["clip_qkv=0.5"],
     "falcon-new-decoder": ["new_decoder_architecture"],
     "falcon-alibi": ["ALiBi"],

@@ -64,7 +64,7 @@ def test_parallel_graph_edges():
     assert [e.name for e in par.edges] == reference_edge_names(2, 4, False, parallel=True)
     assert [e.name for e in seq.edges] == reference_edge_names(2, 4, False)
     assert par != seq and par == CircuitGraph.from_shape(par.shape)
-    assert seq.shape == (2, 4, False, None, False, 4)
+    assert seq.shape == (2, 4, False, None, False, 4, False)
     assert CircuitGraph.from_shape(seq.shape) == seq
     assert CircuitGraph(2, 4, attn_only=True, parallel=True) == CircuitGraph(2, 4, attn_only=True)
     assert "parallel=True" in repr(par) and "parallel" not in repr(seq)

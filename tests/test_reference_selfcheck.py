@@ -237,7 +237,8 @@ def test_parse_edge():
     assert parse_edge("A0.3->A1.2.k@5") == ("A0.3", "A1.2.k", 5)
     assert parse_edge("Embed->Out") == ("Embed", "Out", None)
     assert parse_edge("MLP11->MLP12") == ("MLP11", "MLP12", None)
-    for bad in ["A0.3-A1.2.k", "A0->Out", "Embed->A1.2.x", "Out->Embed"]:
+    assert parse_edge("A0->A1.kv1.v") == ("A0", "A1.kv1.v", None)   # sandwich norms, KV group
+    for bad in ["A0.3-A1.2.k", "A0.kv1->Out", "Embed->A1.2.x", "Out->Embed", "A0->A1.kv1.q"]:
         with pytest.raises(ValueError):
             parse_edge(bad)
 

@@ -126,6 +126,10 @@ class LayerWeights:
     window: int | None = None
     """Sliding-window attention (Mistral): a query sees only the keys less than ``window``
     positions back; None: every earlier key."""
+    post_attn_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Sandwich norms (Gemma 2): a norm of the summed attention output (b_O included) before the
+    residual add; the layer's attention is then one source (``attention_output``)."""
+    post_mlp_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def mlp(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The MLP's output for the residual-stream input ``x`` (its LayerNorm included)."""
@@ -138,7 +142,14 @@ class LayerWeights:
             gate = (normed @ self.W_gate if self.b_gate is None
                     else torch.addmm(self.b_gate, normed, self.W_gate))
             hidden = act(gate) * torch.addmm(self.b_in, normed, self.W_in)
-        return torch.addmm(self.b_out, hidden, self.W_out).view(x.shape)
+        out = torch.addmm(self.b_out, hidden, self.W_out).view(x.shape)
+        return out if self.post_mlp_norm is None else self.post_mlp_norm(out)
+
+    def attention_output(self, heads: torch.Tensor) -> torch.Tensor:
+        """What the attention adds to the stream, from the per-head outputs (heads, ..., d):
+        their sum plus b_O, normed when the block has sandwich norms."""
+        out = heads.sum(0) + self.b_O
+        return out if self.post_attn_norm is None else self.post_attn_norm(out)
 
 
 @dataclass
@@ -170,6 +181,10 @@ class TransformerWeights:
     parallel: bool = False
     """Attention and MLP both read the block's input stream (GPT-NeoX, Phi, GPT-J, Falcon); the
     MLP's ``ln2`` is then its own norm (GPT-NeoX) or the same as ``ln1``."""
+    attn_softcap: float | None = None
+    """Soft-capping of the attention scores, ``cap * tanh(scores / cap)`` (Gemma 2); None: none."""
+    final_softcap: float | None = None
+    """Soft-capping of the logits (Gemma 2); None: none."""
     embed_scale: float | None = None
     """The token embedding is multiplied by this, in the weights' dtype (Gemma: sqrt(d_model))."""
     softmax_dtype: torch.dtype | None = None
@@ -196,7 +211,7 @@ class TransformerWeights:
         """The computational graph of this model (its blocks, heads and key/value heads)."""
         return CircuitGraph(self.n_layers, self.n_heads, attn_only=self.attn_only,
                             n_positions=n_positions, parallel=self.parallel,
-                            n_kv_heads=self.n_kv_heads)
+                            n_kv_heads=self.n_kv_heads, sandwich=self.sandwich)
 
     @property
     def device(self) -> torch.device:
@@ -223,7 +238,8 @@ class TransformerWeights:
         (batch, kv heads, pos, d_head), all rotated already."""
         w = self.layers[layer]
         k, v = self.expand_kv(k), self.expand_kv(v)
-        if self.softmax_dtype is None and self.scores_dtype is None and w.window is None:
+        if (self.softmax_dtype is None and self.scores_dtype is None and w.window is None
+                and self.attn_softcap is None):
             z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                scale=1.0 / w.attn_scale)
         else:
@@ -240,6 +256,8 @@ class TransformerWeights:
             scores = (torch.matmul(q32, k32.transpose(-1, -2)) * scale).to(q.dtype)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if self.attn_softcap is not None:
+            scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
         if self.causal:
             n_q, n_k = scores.shape[-2:]
             visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
@@ -279,8 +297,17 @@ class TransformerWeights:
             q, k = self.rotary.rotate(q), self.rotary.rotate(k)
         return q, k, v
 
+    @property
+    def sandwich(self) -> bool:
+        """Whether the attention output is normed before the residual add (Gemma 2): each
+        layer's attention is then one source, ``A{l}``, in the circuit graph."""
+        return self.layers[0].post_attn_norm is not None
+
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
-        return self.ln_final(resid) @ self.W_U + self.b_U
+        logits = self.ln_final(resid) @ self.W_U + self.b_U
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Plain logits, used to check the weights against the model's own forward."""
@@ -288,9 +315,9 @@ class TransformerWeights:
         for layer, w in enumerate(self.layers):
             heads = self.attention(layer, *self.qkv(layer, w.ln1(resid)))
             if self.parallel and not self.attn_only:
-                resid = resid + heads.sum(0) + w.b_O + w.mlp(resid, self.act)
+                resid = resid + w.attention_output(heads) + w.mlp(resid, self.act)
                 continue
-            resid = resid + heads.sum(0) + w.b_O
+            resid = resid + w.attention_output(heads)
             if not self.attn_only:
                 resid = resid + w.mlp(resid, self.act)
         return self.unembed(resid)
@@ -390,6 +417,8 @@ def _read_layer(model: Any, cfg: Any, sd: dict[str, torch.Tensor], layer: int,
         W_Q=t["W_Q"], b_Q=t["b_Q"], W_K=t["W_K"], b_K=t["b_K"], W_V=t["W_V"], b_V=t["b_V"],
         W_O=t["W_O"], b_O=t["b_O"], attn_scale=scale,
     )
+    if submodule(model, f"{prefix}.ln1_post") is not None:       # sandwich norms (Gemma 2)
+        lw.post_attn_norm = read_norm(model, sd, f"{prefix}.ln1_post", kind, eps)
     if submodule(model, f"{prefix}.attn.q_norm") is not None:     # per head: support checked it
         lw.q_norm, lw.k_norm = (read_norm(model, sd, f"{prefix}.attn.{n}", "RMS", eps)
                                 for n in ("q_norm", "k_norm"))
@@ -402,6 +431,8 @@ def _read_layer(model: Any, cfg: Any, sd: dict[str, torch.Tensor], layer: int,
                or f"{prefix}.ln2.w" in sd or not parallel or kind is None)
     lw.ln2 = read_norm(model, sd, f"{prefix}.ln2", kind, eps) if own_ln2 else lw.ln1
     lw.W_in, lw.b_in, lw.W_out, lw.b_out = t["W_in"], t["b_in"], t["W_out"], t["b_out"]
+    if submodule(model, f"{prefix}.ln2_post") is not None:
+        lw.post_mlp_norm = read_norm(model, sd, f"{prefix}.ln2_post", kind, eps)
     if "W_gate" in t:
         lw.W_gate = t["W_gate"]
         gate_bias = sd.get(f"{prefix}.mlp.gate.bias")
@@ -431,6 +462,10 @@ def _weight_surface(model: Any, attn_only: bool) -> dict[str, torch.Tensor]:
     return t
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _kv_group(n_heads: int, n_kv: int) -> tuple[int, ...] | None:
     """The KV head of each query head (TransformerLens' and HF's ``repeat_interleave``)."""
     if n_kv == n_heads:
@@ -451,6 +486,10 @@ def _read_weights(model: Any, cfg: Any) -> TransformerWeights:
         (float(cfg.attn_scale) if getattr(cfg, "attn_scale", -1.0) > 0 else cfg.d_head**0.5)
         if getattr(cfg, "use_attn_scale", True) else 1.0
     )
+    hf_config = getattr(hf, "config", None)
+    query_scalar = getattr(hf_config, "query_pre_attn_scalar", None)
+    if query_scalar:                                          # Gemma 2: not sqrt(d_head)
+        base_scale = float(query_scalar) ** 0.5
     by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
     parallel = bool(getattr(cfg, "parallel_attn_mlp", False)
                     or type(submodule(model, "blocks.0")).__name__ == "ParallelBlockBridge")
@@ -466,7 +505,6 @@ def _read_weights(model: Any, cfg: Any) -> TransformerWeights:
         ln_final = _norm(model, sd, "ln_final",
                          getattr(cfg, "final_rms", False) and "RMS" or kind, eps)
         act_name = getattr(cfg, "act_fn", None)
-    hf_config = getattr(hf, "config", None)
     model_type = str(getattr(hf_config, "model_type", ""))
     attn_bridge = type(submodule(model, "blocks.0.attn")).__name__
     W_U = model.W_U
@@ -487,6 +525,8 @@ def _read_weights(model: Any, cfg: Any) -> TransformerWeights:
         rotary=rotary_from_model(hf, d_head) if pos == "rotary" else None,
         kv_group=_kv_group(n_heads, int(tensors["W_K"].shape[1])),
         parallel=parallel,
+        attn_softcap=_optional_float(getattr(hf_config, "attn_logit_softcapping", None)),
+        final_softcap=_optional_float(getattr(hf_config, "final_logit_softcapping", None)),
         embed_scale=(float(getattr(hf_config, "hidden_size", 0)) ** 0.5
                      if model_type.startswith("gemma") else None),
         # HF's eager attention (which these bridges reproduce) takes its softmax in float32;

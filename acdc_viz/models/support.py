@@ -36,7 +36,7 @@ SUPPORTED_FAMILIES = (
     "ACDC runs today on GPT-2-style decoder-only models (learned or shortformer positions, "
     "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP) and on rotary "
     "models with multi-head, grouped-query or multi-query attention, sequential or parallel blocks "
-    "(Llama 2/3, Qwen2/2.5, Qwen3, Mistral, OLMo, Gemma, "
+    "(Llama 2/3, Qwen2/2.5, Qwen3, Mistral, OLMo, Gemma, Gemma 2 with its sandwich norms, "
     "GPT-NeoX/Pythia, Phi, Falcon-7B-style). The adapter also reads GPT-J, whose float32 "
     "attention scores the engine does not run yet."
 )
@@ -105,11 +105,6 @@ def config_problems(config: Any) -> list[str]:
         problems.append(f"a multimodal model ({', '.join(multimodal)}; LLaVA, Gemma 3, ...)")
     if getattr(config, "alibi", False) or model_type in ("bloom", "mpt"):
         problems.append("ALiBi position biases (Bloom, Falcon-RW, MPT)")
-    caps = {f: getattr(config, f, None) for f in ("attn_logit_softcapping",
-                                                  "final_logit_softcapping")}
-    if any(v is not None for v in caps.values()):
-        problems.append(f"soft-capping ({', '.join(f'{k}={v}' for k, v in caps.items())}; "
-                        "Gemma 2)")
     if getattr(config, "clip_qkv", None) is not None:
         problems.append(f"q/k/v clipping (clip_qkv={config.clip_qkv}; OLMo)")
     if getattr(config, "new_decoder_architecture", False):
@@ -132,10 +127,13 @@ def _module_problems(model: Any) -> list[str]:
     problems = []
     block = submodule(model, "blocks.0")
     # getattr, not hasattr: TransformerLens 3 keeps unused norms as attributes set to None.
-    if block is not None and any(getattr(block, n, None) is not None
-                                 for n in ("ln1_post", "ln2_post")):
-        problems.append("sandwich norms: a norm on the attention or MLP output before the "
-                        "residual add (Gemma 2/3, OLMo 2)")
+    if block is not None and hf_model(model) is None and any(
+            getattr(block, n, None) is not None for n in ("ln1_post", "ln2_post")):
+        problems.append("sandwich norms on a model without its Hugging Face original (a "
+                        "TransformerLens 3 HookedTransformer)")
+    if block is not None and getattr(block, "ln1", None) is None and getattr(
+            block, "ln1_post", None) is not None:
+        problems.append("post-norms without pre-norms (OLMo 2)")
     attn = getattr(block, "attn", None)
     norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")] if attn is not None else []
     cfg = getattr(model, "cfg", None)
@@ -171,10 +169,11 @@ def _cfg_problems(cfg: Any, hf: Any) -> list[str]:
     if hf is None and getattr(cfg, "use_local_attn", False):    # else read from HF's config
         problems.append("sliding-window attention on a model without its Hugging Face original "
                         "(a TransformerLens 3 HookedTransformer): use_local_attn=True")
-    for flag, feature in (("use_normalization_before_and_after", "sandwich norms (Gemma 2/3)"),
-                          ("post_embedding_ln", "a LayerNorm right after the embedding (Bloom)")):
-        if getattr(cfg, flag, False):
-            problems.append(f"{feature}: {flag}=True")
+    if hf is None and getattr(cfg, "use_normalization_before_and_after", False):
+        problems.append("sandwich norms on a model without its Hugging Face original (a "
+                        "TransformerLens 3 HookedTransformer): use_normalization_before_and_after")
+    if getattr(cfg, "post_embedding_ln", False):
+        problems.append("a LayerNorm right after the embedding (Bloom): post_embedding_ln=True")
     if hf is None and (getattr(cfg, "attn_scores_soft_cap", -1.0) > 0
                        or getattr(cfg, "output_logits_soft_cap", -1.0) > 0):
         problems.append("soft-capping of attention scores or logits (Gemma 2)")  # else: HF's
