@@ -79,7 +79,7 @@ from typing import Literal
 
 import torch
 
-from acdc_viz.errors import ModelSupportError, SettingsError
+from acdc_viz.errors import SettingsError
 from acdc_viz.forward_pass import STAGE_ORDER, PassRunner, PassState, Stage, full_run, stage_of
 from acdc_viz.graph import CircuitGraph, Edge
 from acdc_viz.models.adapter import TransformerWeights
@@ -122,13 +122,6 @@ class CircuitRunner:
         of removed edges."""
         if ablation not in ABLATIONS:
             raise SettingsError(f"unknown ablation {ablation!r}: expected one of {list(ABLATIONS)}")
-        if weights.scores_dtype is not None:
-            raise ModelSupportError(
-                "this model computes its attention scores in float32 (GPT-J): the engine applies "
-                "that, but it has not been checked against the brute-force reference yet (GPT-J's "
-                "TransformerLens 4 bridge has no per-head hooks to build it on), so acdc_viz "
-                "refuses it rather than risk a wrong circuit (issue 13)."
-            )
         parallel = weights.parallel and not weights.attn_only
         if graph != weights.circuit_graph(graph.n_positions):
             raise SettingsError(

@@ -225,15 +225,11 @@ def test_sliding_windows_per_layer(family):
     assert sliding_windows(gemma2, 2) == expected and None in expected
 
 
-def test_engine_takes_every_family_the_adapter_reads_but_gptj(family):
-    """Acdc and CircuitRunner take grouped-query, multi-query and parallel models, but refuse
-    GPT-J (its float32 scores are applied but can't be checked against the reference), and a
-    graph that disagrees with the model's blocks or key/value heads."""
+def test_engine_takes_every_family_the_adapter_reads(family):
+    """Acdc and CircuitRunner take grouped-query, multi-query and parallel models, and GPT-J;
+    they refuse a graph that disagrees with the model's blocks or key/value heads."""
     clean, corrupt = token_pairs(batch=2, pos=4, d_vocab=VOCAB)
-    gptj = from_model(family("gptj").bridge)                # float32 scores, not yet checked
-    with pytest.raises(ModelSupportError, match="attention scores in float32"):
-        CircuitRunner(gptj, gptj.circuit_graph(), clean, corrupt)
-    for name in ("gpt_neox", "phi", "falcon", "llama", "gpt_neox-sequential"):
+    for name in ("gpt_neox", "phi", "falcon", "llama", "gpt_neox-sequential", "gptj"):
         weights = from_model(family(name).bridge)
         CircuitRunner(weights, weights.circuit_graph(), clean, corrupt)
         if weights.parallel:                                      # the graph must agree
@@ -241,6 +237,32 @@ def test_engine_takes_every_family_the_adapter_reads_but_gptj(family):
                 CircuitRunner(weights, CircuitGraph(weights.n_layers, weights.n_heads,
                                                     n_kv_heads=weights.n_kv_heads),
                               clean, corrupt)
+
+
+def test_gptj_engine_is_exact_to_its_bridge_and_the_same_for_every_k(family):
+    """GPT-J's bridge has no split-input hooks, so the brute-force reference checks it through
+    TransformerLens 3 (tests/test_tl3_families.py, ``make test-tl3``). Here: the engine's clean
+    run and full recomputation give the bridge's logits (float32 scores mirrored), and K = 1, 4
+    and adaptive give the same trace."""
+    bridge = family("gptj").bridge
+    weights = from_model(bridge)
+    assert weights.scores_dtype == torch.float32 and weights.rotary.interleaved
+    clean, corrupt = token_pairs(batch=3, pos=5, d_vocab=VOCAB)
+    runner = CircuitRunner(weights, weights.circuit_graph(5), clean, corrupt,
+                           last_position_only=False)
+    with torch.no_grad():
+        theirs = bridge(clean)
+    assert (runner.full_logits - theirs).abs().max().item() <= 1e-12
+    assert (runner.logits_from(0, "attn") - theirs).abs().max().item() <= 1e-12
+    traces = [Acdc(weights, TokenPairs(clean[:, :4], corrupt[:, :4]), tau=3e-3,
+                   positions=True, dtype=torch.float64, batch_hypotheses=k).run()
+              for k in (1, 4, None)]
+    steps = [[(s.edge, s.removed) for s in t.steps] for t in traces]
+    assert steps[0] == steps[1] == steps[2]
+    for trace in traces[1:]:
+        assert max(abs(a.metric_after - b.metric_after)
+                   for a, b in zip(trace.steps, traces[0].steps, strict=True)) <= 1e-12
+    assert 0 < sum(r for _, r in steps[0]) < len(steps[0])
 
 
 @pytest.fixture(scope="module")

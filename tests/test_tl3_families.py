@@ -76,7 +76,7 @@ HYPOTHESES = (None,)
 #: and a Mistral whose window (2) bites on the 4-token prompts.
 BUILDERS = {
     **{name: FAMILIES[name] for name in ("gpt_neox", "gpt_neox-sequential", "llama", "qwen2",
-                                         "qwen3", "gemma", "olmo", "phi")},
+                                         "qwen3", "gemma", "olmo", "phi", "gptj")},
     "llama-mha": functools.partial(build_llama, num_key_value_heads=4),
     "mistral-window2": functools.partial(build_mistral, sliding_window=2),
 }
@@ -93,6 +93,7 @@ CASES: dict[str, list[tuple[str, bool]]] = {
     "gpt_neox": [("resample", True), ("zero", False), ("mean", False)],     # parallel, 2 LN
     "gpt_neox-sequential": [("resample", False), ("mean", False)],
     "phi": [("resample", False), ("zero", False), ("mean", True)],          # parallel, 1 LN
+    "gptj": [("resample", False), ("zero", True), ("mean", False)],         # interleaved rotary
 }
 
 
@@ -152,6 +153,8 @@ def hooked_from_directory(directory: Path) -> Any:
         assert not any(s in str(directory).lower() for s in ("llama", "gemma")), directory
         cfg = loading.get_pretrained_model_config(str(directory), dtype=torch.float64,
                                                   device="cpu")
+        if arch == "GPTJForCausalLM" and hf.config.n_inner:   # TL 3 assumes 4 * d_model
+            cfg.d_mlp = hf.config.n_inner
     converters = {
         "GPTNeoXForCausalLM": convert.convert_neox_weights,
         "LlamaForCausalLM": convert.convert_llama_weights,
@@ -161,6 +164,7 @@ def hooked_from_directory(directory: Path) -> Any:
         "OlmoForCausalLM": convert.convert_olmo_weights,
         "Qwen3ForCausalLM": convert.convert_qwen3_weights,
         "MistralForCausalLM": convert.convert_mistral_weights,
+        "GPTJForCausalLM": convert.convert_gptj_weights,
     }
     cfg.tokenizer_name = None  # the directory has no tokenizer; the reference feeds token ids
     model = HookedTransformer(cfg)

@@ -37,8 +37,7 @@ SUPPORTED_FAMILIES = (
     "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP) and on rotary "
     "models with multi-head, grouped-query or multi-query attention, sequential or parallel blocks "
     "(Llama 2/3, Qwen2/2.5, Qwen3, Mistral, OLMo, Gemma, Gemma 2 with its sandwich norms, "
-    "GPT-NeoX/Pythia, Phi, Falcon-7B-style). The adapter also reads GPT-J, whose float32 "
-    "attention scores the engine does not run yet."
+    "GPT-NeoX/Pythia, Phi, GPT-J, Falcon-7B-style)."
 )
 
 
