@@ -163,3 +163,22 @@ def empty_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
+
+
+def assert_engine_forward_equals_bridge(bridge, weights, tolerance=1e-12):
+    """The engine's clean run and its recomputations from the first block's attention, from the
+    last block's MLP and from the second block give the bridge's own float64 logits."""
+    import torch
+
+    from acdc_viz.patching import CircuitRunner
+
+    clean, corrupt = token_pairs(batch=3, pos=6, d_vocab=int(weights.d_vocab))
+    runner = CircuitRunner(weights, weights.circuit_graph(6), clean, corrupt,
+                           last_position_only=False)
+    with torch.no_grad():
+        theirs = bridge(clean)
+    assert theirs.dtype == torch.float64
+    starts = [(0, "attn"), (weights.n_layers - 1, "attn"), (weights.n_layers - 1, "mlp")]
+    for ours in [runner.full_logits] + [runner.logits_from(*start) for start in starts
+                                        if start[1] == "attn" or not weights.attn_only]:
+        assert (ours - theirs).abs().max().item() <= tolerance

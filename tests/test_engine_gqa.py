@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_engine_equals_reference, token_pairs
+from conftest import (
+    assert_engine_equals_reference,
+    assert_engine_forward_equals_bridge,
+    token_pairs,
+)
 from model_families import VOCAB
 
 from acdc_viz.patching import CircuitRunner
@@ -66,16 +70,8 @@ def gqa_model(family, tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_forward_equals_the_bridge(gqa_model, name):
-    """The engine's clean run and its full recomputation give the bridge's own logits."""
-    bridge, weights = gqa_model(name)
-    clean, corrupt = token_pairs(batch=3, pos=6, d_vocab=VOCAB)
-    graph = weights.circuit_graph(6)
-    assert graph.n_kv_heads == weights.n_kv_heads
-    runner = CircuitRunner(weights, graph, clean, corrupt, last_position_only=False)
-    with torch.no_grad():
-        theirs = bridge(clean)
-    assert (runner.full_logits - theirs).abs().max().item() <= 1e-12
-    assert (runner.logits_from(0, "attn") - theirs).abs().max().item() <= 1e-12
+    """The engine's clean run and its recomputations give the bridge's own logits."""
+    assert_engine_forward_equals_bridge(*gqa_model(name))
 
 
 @pytest.mark.parametrize(("name", "ablation", "positions"),

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_engine_equals_reference, token_pairs
+from conftest import (
+    assert_engine_equals_reference,
+    assert_engine_forward_equals_bridge,
+    token_pairs,
+)
 from model_families import VOCAB
 from reference_acdc import reference_edge_names, reference_logits
 
@@ -72,18 +76,8 @@ def test_parallel_graph_edges():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_forward_equals_the_bridge(parallel_model, name):
-    """The engine's clean run, its full recomputation and a pass from the last MLP give the
-    bridge's own logits."""
-    bridge, weights = parallel_model(name)
-    clean, corrupt = token_pairs(batch=3, pos=6, d_vocab=VOCAB)
-    graph = CircuitGraph(weights.n_layers, weights.n_heads, n_positions=6, parallel=True)
-    runner = CircuitRunner(weights, graph, clean, corrupt, last_position_only=False)
-    with torch.no_grad():
-        theirs = bridge(clean)
-    assert theirs.dtype == torch.float64
-    for ours in (runner.full_logits, runner.logits_from(0, "attn"),
-                 runner.logits_from(weights.n_layers - 1, "mlp"), runner.logits_from(1, "attn")):
-        assert (ours - theirs).abs().max().item() <= 1e-12
+    """The engine's clean run and its recomputations give the bridge's own logits."""
+    assert_engine_forward_equals_bridge(*parallel_model(name))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

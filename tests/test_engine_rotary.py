@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_engine_equals_reference, token_pairs
+from conftest import (
+    assert_engine_equals_reference,
+    assert_engine_forward_equals_bridge,
+    token_pairs,
+)
 from model_families import ROPE_SCALING, VOCAB, build_gemma, build_llama
 from reference_acdc import reference_acdc
 
 from acdc_viz import Acdc, TokenPairs
-from acdc_viz.graph import CircuitGraph
 from acdc_viz.models.adapter import from_model
-from acdc_viz.patching import CircuitRunner
 
 torch.set_num_threads(1)
 
@@ -64,16 +66,8 @@ def rotary_model(tmp_path_factory, family):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_forward_equals_the_bridge(rotary_model, name):
-    """The engine's clean run and its full recomputation give the bridge's own logits."""
-    bridge, weights = rotary_model(name)
-    clean, corrupt = token_pairs(batch=3, pos=6, d_vocab=VOCAB)
-    graph = CircuitGraph(weights.n_layers, weights.n_heads, n_positions=6)
-    runner = CircuitRunner(weights, graph, clean, corrupt, last_position_only=False)
-    with torch.no_grad():
-        theirs = bridge(clean)
-    assert theirs.dtype == torch.float64
-    assert (runner.full_logits - theirs).abs().max().item() <= 1e-12
-    assert (runner.logits_from(0, "attn") - theirs).abs().max().item() <= 1e-12
+    """The engine's clean run and its recomputations give the bridge's own logits."""
+    assert_engine_forward_equals_bridge(*rotary_model(name))
 
 
 @pytest.mark.parametrize(("name", "ablation", "positions"),
