@@ -15,13 +15,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from acdc_viz.data import TokenPairs, data_hash
 from acdc_viz.errors import AcdcVizError, RunOutOfMemory, SettingsError
 from acdc_viz.graph import Edge
+from acdc_viz.hooked import unsupported_features
 from acdc_viz.metrics import Metric, MetricFn, resolve_metric
 from acdc_viz.models.adapter import TransformerWeights, from_model, model_config, model_hash
 from acdc_viz.patching import ABLATIONS, CircuitRunner
@@ -40,6 +41,117 @@ log = logging.getLogger(__name__)
 APPROXIMATE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HYPOTHESES = 256          # the most hypotheses per pass that automatic K uses on a GPU
 MAX_HYPOTHESES_CPU = 32
+MEMORY_SHARE = 0.5            # the share of the free GPU memory that automatic K plans to fill
+DENSE_BLOCKS = 2              # blocks recomputed per hypothesis in the pass K is sized for
+
+
+class HypothesisMemory(NamedTuple):
+    """The bytes one more hypothesis adds to a pass, by what holds them (``hypothesis_memory``)."""
+
+    dependent_outputs: int
+    growing: int
+    attention: int
+    mlp: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        """The pass's peak per hypothesis: the dependent outputs stay for the whole pass; the
+        other terms are moments of it, each freed before the next."""
+        return self.dependent_outputs + max(self.growing, self.attention, self.mlp, self.logits)
+
+
+def hypothesis_memory(weights: TransformerWeights, batch: int, seq_len: int, *,
+                      last_position_only: bool = True, positions: bool = False,
+                      dtype: torch.dtype | None = None,
+                      blocks: int = DENSE_BLOCKS) -> HypothesisMemory:
+    """What one more hypothesis costs a pass in memory, at the batch's size, in bytes.
+
+    Hypotheses are stacked along the batch, so each tensor that a pass computes per hypothesis
+    grows by ``batch`` rows per hypothesis. The estimate is for a dense pass: in the tested block
+    and the ``blocks - 1`` above it, every destination has some edges removed and keeps edges
+    from sources that differ between hypotheses, so all they compute is per hypothesis. (A sparse
+    circuit shares most of it, and the logits, between hypotheses; a denser pass that does not
+    fit halves K.) With P the prompt's length, d = d_model, H query heads, G key/value heads
+    (``n_kv_heads``: fewer than H with grouped- or multi-query attention), D = H + 2 G the
+    destinations of a block's attention (a query per head, a key and a value per key/value
+    head), e = d_head, F = d_mlp and V the vocabulary, the terms per prompt are:
+
+    - ``dependent_outputs``, kept for the whole pass: ``ablated - output`` of each source computed
+      per hypothesis (H heads and the MLP per block, P x d each), which later destinations read,
+      in a buffer that grows to the larger of what is needed and twice its size
+      (``_dependent_rows``: 2 (H + 1) rows for two blocks). With ``positions`` (the causal-prefix
+      cache), also the keys and values each block stashes (2 G x P x e).
+    - ``growing``: the buffer's old copy while it grows (H + 1 rows for two blocks).
+    - ``attention``, the largest of four moments of a block: making its destinations' inputs
+      (D rows of P x d) and the correction subtracted from them (D more); projecting them, with
+      H rows gathered and normalised (a norm holds up to three temporaries, in float32 where it
+      upcasts); the attention itself: q, k and v (H + 2 G rows of P x e), keys and values
+      repeated for each query head when grouped (2 H), the mixed values (H) and two copies of
+      the scores (H x P x P; one of them in float32 where the model takes its softmax in
+      float32); and the heads' outputs with their ``ablated - output`` (2 H rows of P x d),
+      computed only when the next block's D inputs are being made.
+    - ``mlp``, also computed while the next block's D inputs are being made: its input and
+      output (2 P x d), its norm's two temporaries, and its hidden activations, F wide: before
+      and after the activation (2), or for a gated MLP (three matrices) the gate, its
+      activation, the linear branch and their product (4).
+    - ``logits``, at the last position (at all P with a metric over all positions): the logits
+      before and after the unembedding's bias (2 V in the run's dtype), and the metric's copy
+      (float32 when the run is in bfloat16/float16), log-softmax and the pointwise KL's three
+      temporaries (5 V in the metric's dtype).
+
+    Each moment's temporaries are freed before the next moment's are made, so the peak
+    (``total``) is the dependent outputs plus the largest moment. Checked against the measured
+    peak of dense passes in ``tests/test_hypothesis_memory.py``.
+    """
+    dtype = weights.dtype if dtype is None else dtype
+    value = _itemsize(dtype)
+    layer = weights.layers[0]
+    P, d, V = seq_len, int(weights.W_E.shape[1]), int(weights.d_vocab)
+    H, G, e = weights.n_heads, weights.n_kv_heads, int(layer.W_Q.shape[-1])
+    row, head_row = P * d * value, P * e * value          # a d-wide / d_head-wide row per position
+    norm_row = P * d * (max(value, 4) if getattr(layer.ln1, "upcast", "") else value)
+    has_mlp = not weights.attn_only and layer.W_in is not None
+
+    size, old = _dependent_rows(H, has_mlp, blocks)
+    dependent = size * row + (blocks * 2 * G * head_row if positions else 0)
+
+    D = H + 2 * G
+    making = 2 * D * row
+    projecting = D * row + H * (row + 3 * norm_row)
+    softmax = (_itemsize(weights.softmax_dtype) if weights.softmax_dtype is not None
+               else value)
+    repeated = 2 * H if G < H else 0
+    attending = (H + 2 * G + repeated + H) * head_row + H * P * P * (value + softmax)
+    outputs = (D + 2 * H) * row
+    attention = max(making, projecting, attending, outputs)
+
+    mlp = 0
+    if has_mlp and layer.W_in is not None:
+        hidden = 4 if layer.W_gate is not None else 2
+        mlp = (D + 2) * row + 2 * norm_row + hidden * int(layer.W_in.shape[1]) * P * value
+
+    metric = 4 if dtype in APPROXIMATE_DTYPES else value
+    logits = (1 if last_position_only else P) * V * (2 * value + 5 * metric)
+    terms = (dependent, old * row, attention, mlp, logits)
+    return HypothesisMemory(*(batch * term for term in terms))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _dependent_rows(n_heads: int, has_mlp: bool, blocks: int) -> tuple[int, int]:
+    """The (P x d) rows per prompt of the buffer of dependent outputs in a pass that recomputes
+    ``blocks`` blocks per hypothesis, and of its old copy at its last growth; it grows as
+    ``acdc_viz.pass_inputs.InputBuilder.dep_values`` grows it."""
+    need = size = old = 0
+    for _ in range(blocks):
+        for sources in (n_heads, 1 if has_mlp else 0):
+            need += sources
+            if need > size:
+                old, size = size, max(need, 2 * size, n_heads + 1)
+    return size, old
 
 
 class ApproximateWarning(UserWarning):
@@ -85,7 +197,8 @@ class Acdc:
             block and stage. The result is identical for every K.
             ``None`` (the default) adapts K as the run goes: it doubles while whole chains are
             removed and falls back to the length of the last run of removals when an edge is
-            kept, up to a maximum from the device (free GPU memory, at most 256; 32 on CPU).
+            kept, up to a maximum from the device: 32 on CPU; on a GPU, as many hypotheses of
+            a dense pass (``hypothesis_memory``) as fit in half the free memory, at most 256.
             Hypotheses that nothing above the tested block can tell apart (most of them, in a
             sparse circuit) share their computation, so long chains are cheap there; in a dense
             circuit, short ones waste less. K halves after an out-of-memory error instead of
@@ -156,6 +269,12 @@ class Acdc:
         self.graph = weights.circuit_graph(pairs.seq_len if positions else None)
         self.ablation = ablation
         self.test_mode = test_mode
+        if test_mode and unsupported_features(self.weights):
+            raise SettingsError(
+                "test_mode's hooked slow path covers GPT-2-style models only; this model has "
+                f"{', '.join(unsupported_features(self.weights))}. The engine's exactness on such "
+                "models is proven against the brute-force reference (tests/reference_acdc.py; "
+                "docs/model-families.md).")
         if test_mode and self.model is None:
             raise SettingsError("test_mode needs the TransformerLens model itself, "
                                 "not TransformerWeights")
@@ -239,18 +358,20 @@ class Acdc:
         return self.trace.is_complete
 
     def _auto_hypotheses(self) -> int:
-        """The most hypotheses per pass for automatic K: 32 on CPU; on a GPU, as many as fit in
-        half the free memory when a few blocks' worth of activations differ per hypothesis (a
-        denser pass that does not fit halves K)."""
+        """The most hypotheses per pass for automatic K: 32 on CPU; on a GPU, as many dense
+        hypotheses (``hypothesis_memory``) as fit in ``MEMORY_SHARE`` of the free memory, at
+        most 256 (a denser pass that does not fit halves K, see ``_evaluate``)."""
         if self.device.type != "cuda":
             return MAX_HYPOTHESES_CPU
         free, _ = torch.cuda.mem_get_info(self.device)
-        weights, pairs = self.weights, self.pairs
-        d_model, value_bytes = int(weights.W_E.shape[1]), torch.finfo(self.dtype).bits // 8
-        per_position = d_model * (4 * weights.n_heads + 8) + weights.n_heads * pairs.seq_len
-        outputs = weights.d_vocab * 3 * (1 if self.metric.last_position_only else pairs.seq_len)
-        per_hypothesis = value_bytes * pairs.batch_size * (pairs.seq_len * per_position + outputs)
-        return max(1, min(MAX_HYPOTHESES, int(0.5 * free / per_hypothesis)))
+        need = hypothesis_memory(self.weights, self.pairs.batch_size, self.pairs.seq_len,
+                                 last_position_only=self.metric.last_position_only,
+                                 positions=self.graph.n_positions is not None,
+                                 dtype=self.dtype)
+        k = max(1, min(MAX_HYPOTHESES, int(MEMORY_SHARE * free / need.total)))
+        log.info("automatic K: at most %d hypotheses per pass (%.1f MiB each of %.0f MiB free)",
+                 k, need.total / 2**20, free / 2**20)
+        return k
 
     def _chain_metrics(self, chain: tuple[Edge, ...]) -> list[float]:
         """The metric of each hypothesis of the chain, with one device-to-host copy."""

@@ -15,8 +15,27 @@ from typing import Any
 import torch
 
 from acdc_viz.graph import Edge
-from acdc_viz.models.adapter import eval_mode
+from acdc_viz.models.adapter import TransformerWeights, eval_mode
 from acdc_viz.runtime import model_device
+
+
+def unsupported_features(weights: TransformerWeights) -> list[str]:
+    """What this slow path does not recompute (it rebuilds q, k and v as ``ln1(x) @ W + b`` and
+    reads each head's output from ``hook_z``): the architecture features of ``weights`` beyond
+    GPT-2 style. Their exactness is proven against ``tests/reference_acdc.py`` instead."""
+    layer = weights.layers[0]
+    features = {
+        "rotary embeddings": weights.rotary is not None,
+        "grouped-query attention": weights.kv_group is not None,
+        "parallel blocks": weights.parallel,
+        "sandwich norms": layer.post_attn_norm is not None,
+        "q/k norms": layer.q_norm is not None,
+        "sliding windows": any(w.window is not None for w in weights.layers),
+        "soft caps": weights.attn_softcap is not None or weights.final_softcap is not None,
+        "float32 attention": (weights.softmax_dtype is not None
+                              or weights.scores_dtype is not None),
+    }
+    return [name for name, present in features.items() if present]
 
 
 def _source_outputs(model: Any, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

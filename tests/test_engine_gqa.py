@@ -262,3 +262,14 @@ def test_sandwich_graph_trace_and_figure(gqa_model, tmp_path):
     for head in fed:              # its output reaches Out through A0 (the fixed link)
         assert {e for e in kept if e.startswith("A0->")} <= paths_through(loaded, None,
                                                                          f"A0.{head}")
+
+
+def test_test_mode_names_what_its_slow_path_does_not_recompute(family):
+    """test_mode's hooked slow path rebuilds q/k/v GPT-2 style; on a modern model it refuses,
+    naming the features, instead of reporting false disagreements."""
+    from acdc_viz import Acdc, TokenPairs
+    from acdc_viz.errors import SettingsError
+
+    clean, corrupt = token_pairs(batch=2, pos=4, d_vocab=VOCAB)
+    with pytest.raises(SettingsError, match="rotary embeddings, grouped-query attention"):
+        Acdc(family("llama").bridge, TokenPairs(clean, corrupt), tau=TAU, test_mode=True)
