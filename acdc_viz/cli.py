@@ -154,13 +154,16 @@ def _bundled_shape(task: Any) -> tuple[int, int, bool] | None:
 
 
 def _tasks(args: argparse.Namespace) -> int:
+    """``acdc-viz tasks``: one row per task, with its model and its graph's edge count."""
     from acdc_viz.graph import CircuitGraph
     from acdc_viz.tasks import all_tasks
 
     rows = [("task", "where", "model", "prompts", "edges", "description")]
     for task in all_tasks().values():
         shape = task.graph_shape or _bundled_shape(task)
-        edges = str(len(CircuitGraph(shape[0], shape[1], attn_only=shape[2]))) if shape else "?"
+        n_kv = shape[3] if shape and len(shape) > 3 else None
+        edges = "?" if not shape else str(len(CircuitGraph(shape[0], shape[1],
+                                                           attn_only=shape[2], n_kv_heads=n_kv)))
         rows.append((task.name, "bundled" if task.bundled else "hub", task.model_name,
                      str(task.default_prompts), edges, task.description))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

@@ -1,4 +1,7 @@
-"""The bundled induction models: loading, head identification, canonical circuits, ACDC on them."""
+"""The bundled induction models: loading, head identification, canonical circuits, ACDC on them.
+
+The Llama model's own format (a Hugging Face directory) and its grouped-query names are tested
+in ``test_induction_llama.py``; the tests here run on all three models."""
 
 from __future__ import annotations
 
@@ -19,17 +22,22 @@ TASKS = {t.name: t for t in induction.TASKS}
 MODELS = {t.name: t.model_name for t in induction.TASKS}
 
 
+def kv(task, head: str) -> str:
+    """Where ``head`` reads its keys and values: itself, or its KV group (the Llama model)."""
+    return induction.kv_inputs(head, induction.kv_group_size(task.model_name))
+
+
 @pytest.fixture(scope="module", params=sorted(TASKS))
 def loaded(request):
     task = TASKS[request.param]
     return task, task.load_model("cpu")
 
 
-def test_two_bundled_tasks_one_attention_only():
-    assert sorted(TASKS) == ["induction", "induction-gpt2"]
+def test_three_bundled_tasks_one_attention_only():
+    assert sorted(TASKS) == ["induction", "induction-gpt2", "induction-llama"]
     assert all(t.bundled for t in TASKS.values())
-    cfgs = {t.name: bundled_meta(t.model_name)["config"] for t in TASKS.values()}
-    attn_only, gpt2 = cfgs["induction"], cfgs["induction-gpt2"]
+    attn_only, gpt2 = (bundled_meta(MODELS[name])["config"] for name in ("induction",
+                                                                          "induction-gpt2"))
     assert attn_only["attn_only"] is True and attn_only["normalization_type"] is None
     assert gpt2["attn_only"] is False and gpt2["normalization_type"] == "LN"
 
@@ -38,7 +46,9 @@ def test_bundled_files_are_small():
     from acdc_viz.tasks.bundled import BUNDLED_DIR
 
     for model_name in MODELS.values():
-        assert (BUNDLED_DIR / f"{model_name}.safetensors").stat().st_size < 2_000_000
+        folder = BUNDLED_DIR / model_name  # a Hugging Face directory, or one safetensors file
+        files = list(folder.iterdir()) if folder.is_dir() else [folder.with_suffix(".safetensors")]
+        assert sum(f.stat().st_size for f in files) < 2_000_000
 
 
 def test_model_loads_and_the_adapter_accepts_it(loaded):
@@ -99,7 +109,7 @@ def test_canonical_circuit_is_a_subgraph(loaded, positions):
     heads = induction.recorded_heads(task.model_name)
     for prev in heads["previous_token"]:
         for ind in heads["induction"]:
-            key = f"{prev}->{ind}.k"
+            key = f"{prev}->{kv(task, ind)}.k"
             assert (key in canonical) if not positions else (f"{key}@{seq_len // 2}" in canonical)
     if positions:
         assert {e.split("@")[0] for e in canonical} == task.canonical_edges(False, seq_len)
@@ -135,13 +145,14 @@ def test_default_run_keeps_the_key_edges(loaded):
     kept_heads = [i for i in heads["induction"] if f"{i}->Out" in kept]
     assert len(kept_heads) >= len(heads["induction"]) - 1
     for ind in kept_heads:
-        assert any(f"{p}->{ind}.k" in kept for p in heads["previous_token"]), ind
+        assert any(f"{p}->{kv(task, ind)}.k" in kept for p in heads["previous_token"]), ind
         assert f"Embed->{ind}.q" in kept, ind
     build = bundled_meta(task.model_name)["build"]
     scores = build["head_scores"]["previous_token"][0]
     strongest = max(heads["previous_token"], key=lambda h: scores[int(h[3:])])
-    assert f"Embed->{strongest}.v" in kept
-    assert sum(f"{strongest}->{ind}.k" in kept for ind in heads["induction"]) >= 2
+    assert f"Embed->{kv(task, strongest)}.v" in kept
+    assert len({kv(task, ind) for ind in heads["induction"]
+                if f"{strongest}->{kv(task, ind)}.k" in kept}) >= 2
     canonical = task.canonical_edges(False, pairs.seq_len)
     assert len(kept & canonical) >= 0.6 * len(canonical), sorted(canonical - kept)
     assert len(kept & canonical) >= 0.5 * len(kept), sorted(kept - canonical)

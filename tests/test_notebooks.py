@@ -20,7 +20,8 @@ NOTEBOOKS = REPO / "notebooks"
 
 #: Offline notebooks, and what each must print.
 OFFLINE = {
-    "01_quickstart.ipynb": ["edges tested", "(cached)", "canonical edges kept"],
+    "01_quickstart.ipynb": ["edges tested", "(cached)", "canonical edges kept",
+                            "induction-llama: 15 of 82 edges kept, 15 / 15 canonical"],
     "02_ground_truth_tracr.ipynb": [
         "BOS 3 1 2  ->   2 1 3",
         "77 edges; canonical 10, ACDC kept 10, both 10: the same circuit",

@@ -13,11 +13,16 @@ presses ``Reset`` and works on a fresh run:
 2. ``-1`` typed into the tau box: the box is flagged invalid, and ``Run`` and ``Step`` are disabled.
 3. A new tau typed into the tau box (Enter), then ``Run`` to completion: the final ``edges kept``
    must equal ``acdc-viz run --task induction --tau T`` (started in parallel at the beginning).
+4. The quickstart's second Explorer, on ``induction-llama`` (grouped-query attention), shows its
+   finished run whole: every edge of its 82-edge graph tested, as many kept as its canonical
+   circuit has, and key and value edges named by KV group in the figure's hover texts
+   (``A0.0->A1.kv0.k``).
 
 Screenshots at 1280x800 go to the test's ``tmp_path/screenshots``: ``start`` (after Reset),
 ``mid`` (after three steps), ``invalid-tau``, ``running`` (best effort: the run takes seconds),
-``end``, and ``end-wide`` (the file browser closed). With ``ACDC_VIZ_SAVE_SCREENSHOTS=1``, start,
-mid and end are also copied to ``docs/screenshots/explorer-{start,mid,end}.png``.
+``end``, ``end-wide`` (the file browser closed) and ``llama``. With
+``ACDC_VIZ_SAVE_SCREENSHOTS=1``, start, mid and end are also copied to
+``docs/screenshots/explorer-{start,mid,end}.png``.
 
 Run it alone with ``pytest -m browser tests/test_widget_browser.py -s`` (``-s`` prints the timings).
 """
@@ -309,7 +314,7 @@ def _drive(nb: Notebook, tau: float) -> int:
     page.locator(".jp-NotebookPanel").first.click()
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
     page.locator("li[data-command='runmenu:run-all']").click()
-    last_output = page.locator(".jp-OutputArea-output", has_text="canonical edges kept by ACDC")
+    last_output = page.locator(".jp-OutputArea-output", has_text="induction-llama:")
     nb.wait_until(lambda: last_output.count() or nb.errors(), 150, "the quickstart to finish")
     assert not nb.errors(), f"the quickstart raised:\n{nb.errors()}"
     nb.mark("notebook ran")
@@ -378,5 +383,30 @@ def _drive(nb: Notebook, tau: float) -> int:
     _show_widget(nb, explorer)
     nb.screenshot("end-wide")
     _check_layout(explorer)
+    _check_llama(nb)
     return final[2]
+
+
+_HOVER_TEXTS = """e => e.querySelector('.acdc-figure .js-plotly-plot').data
+  .flatMap(t => [].concat(t.hovertext || t.text || []))"""
+
+
+def _check_llama(nb: Notebook) -> None:
+    """The quickstart's Explorer on ``induction-llama``: its run drawn complete, on the
+    grouped-query graph's 82 edges, keeping as many as its canonical circuit has (the very same
+    edges: ``test_induction_llama.py``), with key and value edges named by KV group."""
+    from acdc_viz.graph import CircuitGraph
+    from acdc_viz.tasks import get_task, induction
+
+    n_edges = len(CircuitGraph(2, 4, n_kv_heads=2))
+    canonical = get_task("induction-llama").canonical_edges(False, induction.SEQ_LEN)
+    explorer = nb.page.locator(".acdc-explorer").nth(1)
+    _show_widget(nb, explorer)
+    nb.wait_until(lambda: explorer_status(explorer) == (n_edges, n_edges, len(canonical)), 30,
+                  f"the Llama Explorer to show its complete run ({len(canonical)} edges kept)")
+    nb.wait_until(lambda: edge_paths(explorer), 10, "the Llama seq-graph's edges to be drawn")
+    texts = " ".join(explorer.evaluate(_HOVER_TEXTS))
+    assert "<b>A0.0->A1.kv0.k</b>" in texts and "<b>A1.kv1.v</b>" in texts
+    nb.screenshot("llama")
+    _check_layout(explorer)
 

@@ -37,7 +37,8 @@ class Task:
         token_labels: ``(pairs) -> list[str]``, the first prompt's tokens as text, for the figure.
         check_model: ``(model) -> None``; raises ``TaskError`` if a model does not fit the task.
         graph_shape: ``(n_layers, n_heads, attn_only)`` of the task's model, known without loading
-            it (for ``acdc-viz tasks``); bundled tasks read it from their config when left None.
+            it (for ``acdc-viz tasks``), with its key/value heads as a fourth element when fewer
+            than its heads; bundled tasks read it from their config when left None.
     """
 
     name: str
@@ -54,7 +55,7 @@ class Task:
     default_metric: str = "kl"
     token_labels: Callable[[TokenPairs], list[str]] | None = None
     check_model: Callable[[Any], None] | None = None
-    graph_shape: tuple[int, int, bool] | None = None
+    graph_shape: tuple[int, int, bool] | tuple[int, int, bool, int] | None = None
 
     def prepare(self, device: str = "cpu", prompts: int | None = None,
                 seed: int = 0) -> PreparedTask:

@@ -1,15 +1,20 @@
-"""Induction on two bundled 2-layer models: the offline task the demo, the tests and Binder use.
+"""Induction on three bundled 2-layer models: the offline task the demo, the tests and Binder use.
 
 Induction (Olsson et al. 2022) completes ``... A B ... A`` with ``B``. It takes two heads in
 two layers: a *previous-token head* in layer 0 writes, at every position ``j``, the token at
 ``j - 1``; an *induction head* in layer 1 reads that through its key, so that the query token
 ``A`` matches the position right after the earlier ``A``, and copies that position's token
 (``B``) through its value into the output. ACDC's paper ran this task on redwood's
-attn-only-2l; here the models are ours, trained by ``scripts/train_induction.py`` in about
-1.5 minutes on a 2-core CPU (see ``docs/induction.md``), so everything works offline:
+attn-only-2l; here the models are ours, trained by ``scripts/train_induction.py`` and
+``scripts/train_induction_llama.py`` in a minute or two each on a 2-core CPU (see
+``docs/induction.md``), so everything works offline:
 
 - ``induction``: attention-only, 2 layers of 4 heads, no LayerNorm (81 edges);
-- ``induction-gpt2``: GPT-2 architecture (LayerNorm and MLPs), 2 layers of 4 heads (110 edges).
+- ``induction-gpt2``: GPT-2 architecture (LayerNorm and MLPs), 2 layers of 4 heads (110 edges);
+- ``induction-llama``: a ``transformers`` Llama (rotary, grouped-query attention with 4 query
+  heads sharing 2 key/value heads, SwiGLU, RMSNorm), 2 layers, shipped as a Hugging Face
+  directory and loaded through ``TransformerBridge.boot_transformers``. Its key and value
+  inputs belong to the KV groups, so its circuit names them ``A{l}.kv{g}.k|v``.
 
 A prompt is ``BOS, A_0 .. A_{L-1}, A_0 .. A_{L-2}``: L distinct random tokens, then the same
 segment again without its last token, so the last position must predict ``A_{L-1}`` and every
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from acdc_viz.data import TokenPairs
+from acdc_viz.graph import kv_node
 from acdc_viz.metrics import Metric
 from acdc_viz.tasks.base import Task, TaskError
 from acdc_viz.tasks.bundled import bundled_meta, load_bundled
@@ -61,7 +67,20 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "act_fn": "gelu", "seed": 0, "model_name": "induction-gpt2-2l",
     },
 }
-"""``TransformerBridgeConfig`` keyword arguments of the two bundled models."""
+"""``TransformerBridgeConfig`` keyword arguments of the two bundled native bridges."""
+
+LLAMA_MODEL = "induction-llama-2l"
+HF_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    LLAMA_MODEL: {
+        "vocab_size": D_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": N_CTX, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": BOS, "eos_token_id": BOS, "initializer_range": 0.02,
+    },
+}
+"""``transformers.LlamaConfig`` keyword arguments of the bundled Hugging Face model."""
 
 
 # ----- prompts -------------------------------------------------------------------------------
@@ -130,9 +149,14 @@ def _segment_len(seq_len: int) -> int:
     return seq_len // 2
 
 
+def token_name(token: int) -> str:
+    """``"BOS"`` or ``"t17"``: a token as the figure and the Llama model's tokenizer write it."""
+    return "BOS" if token == BOS else f"t{token}"
+
+
 def token_labels(pairs: TokenPairs) -> list[str]:
     """The first clean prompt as ``["BOS", "t17", ...]``."""
-    return ["BOS" if t == BOS else f"t{t}" for t in pairs.clean[0].tolist()]
+    return [token_name(t) for t in pairs.clean[0].tolist()]
 
 
 # ----- metrics -------------------------------------------------------------------------------
@@ -215,14 +239,27 @@ def identify_heads(scores: dict[str, list[list[float]]]) -> dict[str, list[str]]
     return {"previous_token": prev, "induction": ind}
 
 
-def circuit_edges(heads: dict[str, list[str]], positions: bool, seq_len: int) -> set[str]:
+def kv_inputs(head: str, group_size: int = 1) -> str:
+    """The node whose key and value inputs head ``A{l}.{h}`` reads: the head itself, or under
+    grouped-query attention (``group_size`` query heads per key/value head) its KV group
+    ``A{l}.kv{g}``, g = h // group_size."""
+    if group_size == 1:
+        return head
+    layer, index = head[1:].split(".")
+    return kv_node(int(layer), int(index) // group_size)
+
+
+def circuit_edges(heads: dict[str, list[str]], positions: bool, seq_len: int,
+                  group_size: int = 1) -> set[str]:
     """The induction circuit of ``heads`` (``identify_heads``), as edge names.
 
     Without positions: for each previous-token head P and induction head I,
     ``Embed->P.v`` (the token it moves forward), ``P->I.k``, ``Embed->I.q``, ``Embed->I.v`` and
     ``I->Out``. P's query and key are left out: a previous-token head finds ``p - 1`` from the
-    positional embedding, which the clean and the corrupt prompt share, so under resample
-    ablation those edges carry nothing that differs (see ``docs/induction.md``).
+    positional embedding (or, with rotary embeddings, from the rotation), which the clean and the
+    corrupt prompt share, so under resample ablation those edges carry nothing that differs (see
+    ``docs/induction.md``). With grouped-query attention (``group_size`` > 1) the k and v edges
+    go to the head's KV group (``kv_inputs``): ``P->A1.kv0.k``, ``Embed->A0.kv0.v``.
 
     With positions, each edge at the positions where the repeated half uses it: ``I->Out`` and
     ``Embed->I.q`` at ``p`` in ``repeated_positions``; ``P->I.k`` and ``Embed->I.v`` at
@@ -238,12 +275,13 @@ def circuit_edges(heads: dict[str, list[str]], positions: bool, seq_len: int) ->
 
     edges: set[str] = set()
     for prev in heads["previous_token"]:
-        edges |= at(f"Embed->{prev}.v", prev_pos)
+        edges |= at(f"Embed->{kv_inputs(prev, group_size)}.v", prev_pos)
     for ind in heads["induction"]:
+        kv = kv_inputs(ind, group_size)
         edges |= at(f"{ind}->Out", query_pos) | at(f"Embed->{ind}.q", query_pos)
-        edges |= at(f"Embed->{ind}.v", key_pos)
+        edges |= at(f"Embed->{kv}.v", key_pos)
         for prev in heads["previous_token"]:
-            edges |= at(f"{prev}->{ind}.k", key_pos)
+            edges |= at(f"{prev}->{kv}.k", key_pos)
     return edges
 
 
@@ -252,9 +290,18 @@ def recorded_heads(model_name: str) -> dict[str, list[str]]:
     return bundled_meta(model_name)["build"]["heads"]
 
 
+def kv_group_size(model_name: str) -> int:
+    """Query heads per key/value head of a bundled induction model (1 without grouping)."""
+    config = HF_MODEL_CONFIGS.get(model_name)
+    if config is None:
+        return 1
+    return config["num_attention_heads"] // config["num_key_value_heads"]
+
+
 def canonical_edges(model_name: str, positions: bool, seq_len: int) -> set[str]:
     """The canonical circuit of a bundled induction model (heads read from its JSON)."""
-    return circuit_edges(recorded_heads(model_name), positions, seq_len)
+    return circuit_edges(recorded_heads(model_name), positions, seq_len,
+                         kv_group_size(model_name))
 
 
 def circuit_metric(weights: Any, pairs: TokenPairs, kept: set[str] | None, metric: Metric,
@@ -269,7 +316,8 @@ def circuit_metric(weights: Any, pairs: TokenPairs, kept: set[str] | None, metri
 
     positions = kept is not None and any("@" in e for e in kept)
     graph = CircuitGraph(weights.n_layers, weights.n_heads, attn_only=weights.attn_only,
-                         n_positions=pairs.seq_len if positions else None)
+                         n_positions=pairs.seq_len if positions else None,
+                         n_kv_heads=weights.n_kv_heads)
     runner = CircuitRunner(weights, graph, pairs.clean.to(weights.device),
                            pairs.corrupt.to(weights.device), ablation,
                            last_position_only=metric.last_position_only)
@@ -286,16 +334,26 @@ def circuit_metric(weights: Any, pairs: TokenPairs, kept: set[str] | None, metri
 # ----- the tasks -----------------------------------------------------------------------------
 
 
+def _expected_shape(model_name: str) -> dict[str, Any]:
+    """The TransformerLens config values a model must share with a bundled induction model."""
+    if model_name in MODEL_CONFIGS:
+        config = MODEL_CONFIGS[model_name]
+        return {key: config[key] for key in ("d_vocab", "n_layers", "n_heads", "attn_only")}
+    config = HF_MODEL_CONFIGS[model_name]
+    return {"d_vocab": config["vocab_size"], "n_layers": config["num_hidden_layers"],
+            "n_heads": config["num_attention_heads"], "attn_only": False,
+            "n_key_value_heads": config["num_key_value_heads"]}
+
+
 def _check_model(model_name: str, model: Any) -> None:
     """Raise ``TaskError`` unless ``model`` has the shape of the bundled model the task uses."""
     cfg = getattr(model, "cfg", None)
-    expected = MODEL_CONFIGS[model_name]
     if cfg is None:
         raise TaskError(f"the induction task needs a TransformerLens model, got "
                         f"{type(model).__name__}")
-    wrong = [f"{key}={getattr(cfg, key, None)!r} (expected {expected[key]!r})"
-             for key in ("d_vocab", "n_layers", "n_heads", "attn_only")
-             if getattr(cfg, key, None) != expected[key]]
+    wrong = [f"{key}={getattr(cfg, key, None)!r} (expected {value!r})"
+             for key, value in _expected_shape(model_name).items()
+             if getattr(cfg, key, None) != value]
     if getattr(cfg, "n_ctx", 0) < SEQ_LEN:
         wrong.append(f"n_ctx={getattr(cfg, 'n_ctx', None)!r} (expected >= {SEQ_LEN})")
     if wrong:
@@ -310,7 +368,8 @@ def _load(model_name: str, device: str = "cpu") -> Any:
     return load_bundled(model_name, device=device)
 
 
-def _task(name: str, model_name: str, description: str, default_tau: float) -> Task:
+def _task(name: str, model_name: str, description: str, default_tau: float,
+          graph_shape: tuple[int, int, bool, int] | None = None) -> Task:
     """An induction task on one bundled model: the same prompts, metrics and circuit."""
     return Task(
         name=name,
@@ -327,6 +386,7 @@ def _task(name: str, model_name: str, description: str, default_tau: float) -> T
         default_metric="kl_repeated",
         token_labels=token_labels,
         check_model=partial(_check_model, model_name),
+        graph_shape=graph_shape,
     )
 
 
@@ -337,10 +397,16 @@ TASKS: list[Task] = [
           "induction on a bundled 2-layer GPT-2-architecture model (LayerNorm, MLPs, 4 heads), "
           "offline",
           0.1),
+    # graph_shape: the JSON of a Hugging Face directory holds no TransformerLens config
+    _task("induction-llama", LLAMA_MODEL,
+          "induction on a bundled 2-layer Llama-architecture model (rotary, grouped-query "
+          "attention 4/2, SwiGLU, RMSNorm), offline",
+          0.1, graph_shape=(2, 4, False, 2)),
 ]
 
 __all__: list[str] = [
-    "MODEL_CONFIGS", "TASKS", "canonical_edges", "circuit_edges", "circuit_metric",
-    "distinct_prompt_count", "head_scores", "identify_heads", "kl_metric", "make_pairs",
-    "nll_metric", "recorded_heads", "repeated_positions", "repeated_tokens", "token_labels",
+    "HF_MODEL_CONFIGS", "LLAMA_MODEL", "MODEL_CONFIGS", "TASKS", "canonical_edges",
+    "circuit_edges", "circuit_metric", "distinct_prompt_count", "head_scores", "identify_heads",
+    "kl_metric", "kv_group_size", "kv_inputs", "make_pairs", "nll_metric", "recorded_heads",
+    "repeated_positions", "repeated_tokens", "token_labels", "token_name",
 ]
