@@ -44,7 +44,10 @@ TOLERANCE = {"gemma2": 1e-7}
 FULL = [(a, p) for a in ("resample", "zero", "mean") for p in (False, True)]
 SOME = [("resample", True), ("zero", False), ("mean", True)]
 CASES = {"llama": FULL, "llama-mqa-tied": SOME, "qwen2": SOME, "gemma": SOME, "falcon": SOME,
-         "qwen3": SOME, "mistral-window2": SOME, "gemma2": FULL}
+         "qwen3": SOME, "mistral-window2": SOME, "gemma2": FULL,
+         # the rope scalings the adapter reads (yarn: tests/test_engine_rotary.py), with positions
+         # so that passes rotate from a later first position
+         **{f"llama-rope-{kind}": [("resample", True)] for kind in ("linear", "dynamic", "llama3")}}
 
 
 @pytest.fixture(scope="module")
