@@ -304,10 +304,9 @@ class PassRunner:
             slots = self.index(kv_slots)
             k, v = k[:, slots], v[:, slots]
         scale, weights = 1.0 / layer_weights.attn_scale, self.weights
-        if (weights.softmax_dtype is not None or weights.scores_dtype is not None
-                or layer_weights.window is not None):
-            # Hugging Face's eager attention with its float32 steps (and sliding window), as the
-            # clean run computes it. Keys cover positions 0..seq_len-1 and queries
+        if weights.eager(layer_weights):
+            # Hugging Face's eager attention with its float32 steps (sliding window, soft caps),
+            # as the clean run computes it. Keys cover positions 0..seq_len-1 and queries
             # query_from..seq_len-1, so its causal mask (the bottom-right triangle) lines them up.
             z = weights.eager_attention(q, k, v, scale, layer_weights.window)
             return torch.einsum("bhpe,hed->hbpd", z, layer_weights.W_O[head_index])

@@ -238,13 +238,18 @@ class TransformerWeights:
         (batch, kv heads, pos, d_head), all rotated already."""
         w = self.layers[layer]
         k, v = self.expand_kv(k), self.expand_kv(v)
-        if (self.softmax_dtype is None and self.scores_dtype is None and w.window is None
-                and self.attn_softcap is None):
+        if self.eager(w):
+            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale, w.window)
+        else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                scale=1.0 / w.attn_scale)
-        else:
-            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale, w.window)
         return torch.einsum("bhpe,hed->hbpd", z, w.W_O)
+
+    def eager(self, w: LayerWeights) -> bool:
+        """Whether a block's attention needs ``eager_attention`` (float32 steps, a sliding
+        window or soft caps) rather than ``scaled_dot_product_attention``."""
+        return (self.softmax_dtype is not None or self.scores_dtype is not None
+                or w.window is not None or self.attn_softcap is not None)
 
     def eager_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float, window: int | None = None) -> torch.Tensor:
