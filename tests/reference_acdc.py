@@ -29,7 +29,8 @@ query heads g*r .. g*r+r-1); queries stay ``A{l}.{h}.q``.  The bridge's
 norms (Gemma 2: the summed attention output is normed before the residual add)
 the attention source of a layer is its normed output ``A{l}``, recorded at
 ``blocks.{l}.ln1_post.hook_out``, and the MLP source the normed MLP output at
-``blocks.{l}.ln2_post.hook_out``; heads remain destinations.
+``blocks.{l}.ln2_post.hook_out`` (TL 3: ``hook_attn_out`` and ``hook_mlp_out``, which follow its
+post-norms); heads remain destinations.
 Removing src->dest: dest_input <- dest_input - current(src) + ablated(src), where
 current(src) is src's output *in this very forward pass* (so it already reflects
 any patching of src's own inputs).  With positions, ``src->dest@p`` only changes
@@ -220,6 +221,7 @@ class _Info(NamedTuple):
     mlp_hook: str = "hook_mlp_in"  # blocks.{l}.<this>: where the MLP destination is patched
     n_kv: int | None = None  # key/value heads per layer when fewer than n_heads (KV groups)
     sandwich: bool = False  # normed attention/MLP outputs: one attention source per layer
+    normed_hooks: tuple[str, str] = ("", "")  # blocks.{l}.<these>: the normed outputs
 
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -271,11 +273,16 @@ def _prepared(bridge) -> Iterator[_Info]:
                     and "blocks.0.ln2.hook_in" not in bridge.hook_dict else "hook_mlp_in")
         if parallel and mode != "split":
             raise NotImplementedError("reference_acdc: parallel blocks need the split inputs")
-        sandwich = "blocks.0.ln1_post.hook_out" in bridge.hook_dict
+        # TL 4 bridges hook the post-norms' outputs; TL 3 hooks hook_attn_out/hook_mlp_out after
+        # them (its cfg says use_normalization_before_and_after)
+        tl4_norms = "blocks.0.ln1_post.hook_out" in bridge.hook_dict
+        sandwich = tl4_norms or bool(getattr(cfg, "use_normalization_before_and_after", False))
+        normed_hooks = (("ln1_post.hook_out", "ln2_post.hook_out") if tl4_norms
+                        else ("hook_attn_out", "hook_mlp_out"))
         if sandwich and mode != "split":
             raise NotImplementedError("reference_acdc: sandwich norms need the split inputs")
         yield _Info(mode, int(cfg.n_layers), int(cfg.n_heads), attn_only, *ws, out_hook,
-                    parallel, mlp_hook, n_kv, sandwich)
+                    parallel, mlp_hook, n_kv, sandwich, normed_hooks)
     finally:
         for f, v in old_flags.items():
             cur = bool(getattr(cfg, f, False))
@@ -310,9 +317,10 @@ def _source_hooks(info: _Info, store: dict[str, torch.Tensor]) -> list:
                 store[name] = x.detach()
                 return x
 
-            hooks.append((f"blocks.{layer}.ln1_post.hook_out", rec_normed))
+            attn_hook, mlp_hook = info.normed_hooks
+            hooks.append((f"blocks.{layer}.{attn_hook}", rec_normed))
             if not info.attn_only:
-                hooks.append((f"blocks.{layer}.ln2_post.hook_out",
+                hooks.append((f"blocks.{layer}.{mlp_hook}",
                               partial(rec_normed, name=f"MLP{layer}")))
             continue
         if info.mode == "split":

@@ -29,14 +29,15 @@ tau).
 
 TL 3.9's config conversion does not cover every family here: for Phi it reads
 ``hf_config.partial_rotary_factor``, which transformers 5 no longer has (AttributeError), and it
-knows Gemma and OLMo only by their official names. For those three, ``_config_by_hand`` writes
-the config as TL 3's branch for the official checkpoints does, with the tiny model's sizes.
+knows Gemma, Gemma 2 and OLMo only by their official names. For those, ``_config_by_hand``
+writes the config as TL 3's branch for the official checkpoints does, with the tiny model's sizes.
 
 Covered: Llama (multi-head, and grouped-query as Llama 3), Qwen2, Qwen3, Mistral (sliding
-window), Gemma, OLMo, GPT-NeoX/Pythia (parallel and sequential) and Phi. A family is one line in
-``BUILDERS`` and one in ``CASES``. Not here: the families acdc_viz refuses (Gemma 2, OLMo 2 and
-Bloom, which TL 3 has; GPT-J, whose engine support is not checked yet) and Falcon, which TL 3
-lacks.
+window), Gemma, Gemma 2 (sandwich norms, soft caps, a local and a global layer), OLMo,
+GPT-NeoX/Pythia (parallel and sequential), Phi and GPT-J (whose TL 4 bridge has no split-input
+hooks, so this is where the reference checks it). A family is one line in ``BUILDERS`` and one in
+``CASES``. Not here: the families acdc_viz refuses (OLMo 2 and Bloom, which TL 3 has) and Falcon,
+which TL 3 lacks.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ HYPOTHESES = (None,)
 #: and a Mistral whose window (2) bites on the 4-token prompts.
 BUILDERS = {
     **{name: FAMILIES[name] for name in ("gpt_neox", "gpt_neox-sequential", "llama", "qwen2",
-                                         "qwen3", "gemma", "olmo", "phi", "gptj")},
+                                         "qwen3", "gemma", "gemma2", "olmo", "phi", "gptj")},
     "llama-mha": functools.partial(build_llama, num_key_value_heads=4),
     "mistral-window2": functools.partial(build_mistral, sliding_window=2),
 }
@@ -89,6 +90,7 @@ CASES: dict[str, list[tuple[str, bool]]] = {
     "qwen3": [("resample", False), ("mean", False)],                        # per-head q/k norms
     "mistral-window2": [("resample", False), ("zero", True)],               # sliding window
     "gemma": [("resample", False), ("mean", False)],                        # 1 + w norms, GQA
+    "gemma2": [("resample", False), ("zero", True), ("mean", False)],       # sandwich, caps
     "olmo": [("resample", False), ("zero", False)],                         # LN without params
     "gpt_neox": [("resample", True), ("zero", False), ("mean", False)],     # parallel, 2 LN
     "gpt_neox-sequential": [("resample", False), ("mean", False)],
@@ -126,6 +128,17 @@ def _config_by_hand(hf_config: Any) -> dict[str, Any]:
         cfg |= {"eps": hf_config.rms_norm_eps, "act_fn": hf_config.hidden_activation,
                 "normalization_type": "RMS", "rotary_dim": cfg["d_head"], "gated_mlp": True,
                 "final_rms": True, "n_key_value_heads": hf_config.num_key_value_heads}
+    elif arch == "Gemma2ForCausalLM":
+        cfg |= {"eps": hf_config.rms_norm_eps, "act_fn": hf_config.hidden_activation,
+                "normalization_type": "RMS", "rotary_dim": cfg["d_head"], "gated_mlp": True,
+                "final_rms": True, "n_key_value_heads": hf_config.num_key_value_heads,
+                "use_normalization_before_and_after": True, "use_local_attn": True,
+                "window_size": hf_config.sliding_window,
+                "attn_types": ["local" if "sliding" in t else "global"
+                               for t in hf_config.layer_types],
+                "attn_scores_soft_cap": hf_config.attn_logit_softcapping,
+                "output_logits_soft_cap": hf_config.final_logit_softcapping,
+                "attn_scale": hf_config.query_pre_attn_scalar ** 0.5}
     elif arch == "OlmoForCausalLM":
         cfg |= {"eps": 1e-5, "act_fn": hf_config.hidden_act, "normalization_type": "LN",
                 "rotary_dim": cfg["d_head"], "gated_mlp": True,
@@ -145,7 +158,7 @@ def hooked_from_directory(directory: Path) -> Any:
     assert HookedTransformer is not None and HookedTransformerConfig is not None
     hf = reload_hf(directory)
     arch = hf.config.architectures[0]
-    if arch in ("PhiForCausalLM", "GemmaForCausalLM", "OlmoForCausalLM"):
+    if arch in ("PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "OlmoForCausalLM"):
         cfg = HookedTransformerConfig(**_config_by_hand(hf.config), dtype=torch.float64,
                                       device="cpu")
     else:
@@ -161,6 +174,7 @@ def hooked_from_directory(directory: Path) -> Any:
         "Qwen2ForCausalLM": convert.convert_qwen2_weights,
         "PhiForCausalLM": convert.convert_phi_weights,
         "GemmaForCausalLM": convert.convert_gemma_weights,
+        "Gemma2ForCausalLM": convert.convert_gemma_weights,
         "OlmoForCausalLM": convert.convert_olmo_weights,
         "Qwen3ForCausalLM": convert.convert_qwen3_weights,
         "MistralForCausalLM": convert.convert_mistral_weights,
