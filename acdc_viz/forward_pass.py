@@ -308,7 +308,8 @@ class PassRunner:
             # Hugging Face's eager attention with its float32 steps (sliding window, soft caps),
             # as the clean run computes it. Keys cover positions 0..seq_len-1 and queries
             # query_from..seq_len-1, so its causal mask (the bottom-right triangle) lines them up.
-            z = weights.eager_attention(q, k, v, scale, layer_weights.window)
+            z = weights.eager_attention(q, k, v, scale, layer_weights.window,
+                                        weights.alibi(head_index, k.shape[2]))
             return torch.einsum("bhpe,hed->hbpd", z, layer_weights.W_O[head_index])
         mask, causal = None, False
         if self.weights.causal and q.shape[2] > 1:

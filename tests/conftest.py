@@ -182,3 +182,22 @@ def assert_engine_forward_equals_bridge(bridge, weights, tolerance=1e-12):
     for ours in [runner.full_logits] + [runner.logits_from(*start) for start in starts
                                         if start[1] == "attn" or not weights.attn_only]:
         assert (ours - theirs).abs().max().item() <= tolerance
+
+
+def assert_same_decisions_for_every_k(weights, hypotheses=(1, 4, None)):
+    """For a model the hook-based reference cannot run on through its TL 4 bridge (it is checked
+    through TL 3 instead): ACDC with positions gives the same decisions, and metrics within
+    1e-12, for every number of hypotheses per pass, and a mixed circuit."""
+    import torch
+
+    from acdc_viz import Acdc, TokenPairs
+
+    clean, corrupt = token_pairs(batch=3, pos=4, d_vocab=int(weights.d_vocab))
+    traces = [Acdc(weights, TokenPairs(clean, corrupt), tau=3e-3, positions=True,
+                   dtype=torch.float64, batch_hypotheses=k).run() for k in hypotheses]
+    steps = [[(s.edge, s.removed) for s in t.steps] for t in traces]
+    assert all(s == steps[0] for s in steps)
+    for trace in traces[1:]:
+        assert max(abs(a.metric_after - b.metric_after)
+                   for a, b in zip(trace.steps, traces[0].steps, strict=True)) <= 1e-12
+    assert 0 < sum(r for _, r in steps[0]) < len(steps[0])

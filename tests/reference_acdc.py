@@ -271,6 +271,10 @@ def _prepared(bridge) -> Iterator[_Info]:
         # (TL 3's norms have no hook_in; its parallel blocks fire hook_mlp_in.)
         mlp_hook = ("ln1.hook_in" if parallel and "blocks.0.ln1.hook_in" in bridge.hook_dict
                     and "blocks.0.ln2.hook_in" not in bridge.hook_dict else "hook_mlp_in")
+        if block == "BloomBlockBridge":
+            raise NotImplementedError("reference_acdc: Bloom's bridge hands the heads their "
+                                      "input after ln1 (hook_q_input is ln1's output), so the "
+                                      "stream before ln1 cannot be patched per head; use TL 3")
         if parallel and mode != "split":
             raise NotImplementedError("reference_acdc: parallel blocks need the split inputs")
         # TL 4 bridges hook the post-norms' outputs; TL 3 hooks hook_attn_out/hook_mlp_out after

@@ -16,7 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import token_pairs
+from conftest import (
+    assert_engine_forward_equals_bridge,
+    assert_same_decisions_for_every_k,
+    token_pairs,
+)
 from model_families import FAMILIES, KNOWN_BROKEN, VOCAB, FamilyModel, build_llama
 from reference_acdc import reference_acdc
 
@@ -53,6 +57,7 @@ SUPPORTED = {
     "gptj": (8, True, 4, False, True, False, False, True, True, None),
     "olmo": (16, False, 4, True, False, True, True, False, False, None),
     "falcon": (16, False, 1, False, True, False, False, False, False, None),
+    "bloom": (None, False, 4, False, False, True, True, False, False, None),   # ALiBi
 }
 #: Refused families: the words the ModelSupportError must contain.
 REFUSED = {
@@ -60,7 +65,6 @@ REFUSED = {
     "olmo-clip-qkv": ["clip_qkv=0.5"],
     "falcon-new-decoder": ["new_decoder_architecture"],
     "falcon-alibi": ["ALiBi"],
-    "bloom": ["ALiBi", "LayerNorm right after the embedding"],
 }
 # phi-qk-layernorm does not boot in TransformerLens 4.3 (KNOWN_BROKEN); its config is refused
 # in test_refused_configs.
@@ -93,10 +97,14 @@ def test_what_the_adapter_reads(name, family):
     (rot_dim, interleaved, n_kv, gated, parallel, own_ln2, softmax32, scores32, b_U,
      embed_scale) = SUPPORTED[name]
     weights = from_model(family(name).bridge)
-    assert weights.rotary is not None and weights.rotary.dim == rot_dim
-    assert weights.rotary.interleaved == interleaved
-    assert weights.rotary.inv_freq.dtype == torch.float32
-    assert (weights.rotary.dynamic is not None) == (name == "llama-rope-dynamic")
+    assert (weights.alibi_slopes is not None) == (rot_dim is None)
+    if rot_dim is None:
+        assert weights.rotary is None
+    else:
+        assert weights.rotary is not None and weights.rotary.dim == rot_dim
+        assert weights.rotary.interleaved == interleaved
+        assert weights.rotary.inv_freq.dtype == torch.float32
+        assert (weights.rotary.dynamic is not None) == (name == "llama-rope-dynamic")
     assert weights.n_kv_heads == n_kv
     layer = weights.layers[0]
     assert layer.W_K.shape[0] == layer.W_V.shape[0] == layer.b_K.shape[0] == n_kv  # not expanded
@@ -242,27 +250,13 @@ def test_engine_takes_every_family_the_adapter_reads(family):
 def test_gptj_engine_is_exact_to_its_bridge_and_the_same_for_every_k(family):
     """GPT-J's bridge has no split-input hooks, so the brute-force reference checks it through
     TransformerLens 3 (tests/test_tl3_families.py, ``make test-tl3``). Here: the engine's clean
-    run and full recomputation give the bridge's logits (float32 scores mirrored), and K = 1, 4
-    and adaptive give the same trace."""
+    run and recomputations give the bridge's logits (float32 scores mirrored), and K = 1, 4 and
+    adaptive give the same trace."""
     bridge = family("gptj").bridge
     weights = from_model(bridge)
     assert weights.scores_dtype == torch.float32 and weights.rotary.interleaved
-    clean, corrupt = token_pairs(batch=3, pos=5, d_vocab=VOCAB)
-    runner = CircuitRunner(weights, weights.circuit_graph(5), clean, corrupt,
-                           last_position_only=False)
-    with torch.no_grad():
-        theirs = bridge(clean)
-    assert (runner.full_logits - theirs).abs().max().item() <= 1e-12
-    assert (runner.logits_from(0, "attn") - theirs).abs().max().item() <= 1e-12
-    traces = [Acdc(weights, TokenPairs(clean[:, :4], corrupt[:, :4]), tau=3e-3,
-                   positions=True, dtype=torch.float64, batch_hypotheses=k).run()
-              for k in (1, 4, None)]
-    steps = [[(s.edge, s.removed) for s in t.steps] for t in traces]
-    assert steps[0] == steps[1] == steps[2]
-    for trace in traces[1:]:
-        assert max(abs(a.metric_after - b.metric_after)
-                   for a, b in zip(trace.steps, traces[0].steps, strict=True)) <= 1e-12
-    assert 0 < sum(r for _, r in steps[0]) < len(steps[0])
+    assert_engine_forward_equals_bridge(bridge, weights)
+    assert_same_decisions_for_every_k(weights)
 
 
 @pytest.fixture(scope="module")

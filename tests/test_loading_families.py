@@ -177,9 +177,10 @@ def test_a_model_transformerlens_cannot_wrap_is_a_clear_error(name, tmp_path):
     assert SUPPORTED_FAMILIES in message
 
 
-@pytest.mark.parametrize(("name", "expected"), [("gpt_neox", EXIT_OK), ("bloom", EXIT_ERROR)])
+@pytest.mark.parametrize(("name", "expected"),
+                         [("gpt_neox", EXIT_OK), ("falcon-alibi", EXIT_ERROR)])
 def test_cli_run_on_a_family_directory(name, expected, family, tmp_path, capsys, monkeypatch):
-    """``acdc-viz run --model DIR --data FILE``: Pythia-style runs to a complete trace; Bloom
+    """``acdc-viz run --model DIR --data FILE``: Pythia-style runs to a complete trace; Falcon-RW
     is refused before any edge is tested, naming the features and the families that work."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     g = torch.Generator().manual_seed(0)

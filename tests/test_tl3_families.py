@@ -77,7 +77,8 @@ HYPOTHESES = (None,)
 #: and a Mistral whose window (2) bites on the 4-token prompts.
 BUILDERS = {
     **{name: FAMILIES[name] for name in ("gpt_neox", "gpt_neox-sequential", "llama", "qwen2",
-                                         "qwen3", "gemma", "gemma2", "olmo", "phi", "gptj")},
+                                         "qwen3", "gemma", "gemma2", "olmo", "phi", "gptj",
+                                         "bloom")},
     "llama-mha": functools.partial(build_llama, num_key_value_heads=4),
     "mistral-window2": functools.partial(build_mistral, sliding_window=2),
 }
@@ -96,6 +97,7 @@ CASES: dict[str, list[tuple[str, bool]]] = {
     "gpt_neox-sequential": [("resample", False), ("mean", False)],
     "phi": [("resample", False), ("zero", False), ("mean", True)],          # parallel, 1 LN
     "gptj": [("resample", False), ("zero", True), ("mean", False)],         # interleaved rotary
+    "bloom": [("resample", False), ("zero", True), ("mean", False)],        # ALiBi, embed LN
 }
 
 
@@ -179,6 +181,7 @@ def hooked_from_directory(directory: Path) -> Any:
         "Qwen3ForCausalLM": convert.convert_qwen3_weights,
         "MistralForCausalLM": convert.convert_mistral_weights,
         "GPTJForCausalLM": convert.convert_gptj_weights,
+        "BloomForCausalLM": convert.convert_bloom_weights,
     }
     cfg.tokenizer_name = None  # the directory has no tokenizer; the reference feeds token ids
     model = HookedTransformer(cfg)

@@ -134,7 +134,7 @@ def test_a_model_without_what_the_engine_needs_shows_the_message():
 
 
 @pytest.mark.parametrize(("name", "features"), [
-    ("bloom", ["ALiBi", "LayerNorm right after the embedding"]),
+    ("falcon-alibi", ["ALiBi position biases outside Bloom"]),
     ("falcon-new-decoder", ["new_decoder_architecture"]),
 ])
 def test_a_refused_family_shows_why_with_every_control_disabled(family, name, features):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -181,6 +182,11 @@ class TransformerWeights:
     parallel: bool = False
     """Attention and MLP both read the block's input stream (GPT-NeoX, Phi, GPT-J, Falcon); the
     MLP's ``ln2`` is then its own norm (GPT-NeoX) or the same as ``ln1``."""
+    alibi_slopes: torch.Tensor | None = None
+    """ALiBi (Bloom): each head's slope (heads,), float32; the scores of a query gain
+    ``slope * key position``, rounded as Hugging Face rounds it (in float32, then cast)."""
+    embed_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A norm applied to the embedding before the first block (Bloom); None: none."""
     attn_softcap: float | None = None
     """Soft-capping of the attention scores, ``cap * tanh(scores / cap)`` (Gemma 2); None: none."""
     final_softcap: float | None = None
@@ -223,7 +229,15 @@ class TransformerWeights:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
-        return x
+        return x if self.embed_norm is None else self.embed_norm(x)
+
+    def alibi(self, heads: slice | torch.Tensor, n_keys: int) -> torch.Tensor | None:
+        """The ALiBi bias of ``heads`` for keys at positions 0..n_keys-1, (heads, 1, n_keys) in
+        the weights' dtype; None without ALiBi."""
+        if self.alibi_slopes is None:
+            return None
+        positions = torch.arange(n_keys, device=self.alibi_slopes.device, dtype=torch.float32)
+        return (self.alibi_slopes[heads].float()[:, None, None] * positions).to(self.dtype)
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """Keys or values (batch, kv heads, pos, d_head) repeated for each query head."""
@@ -239,7 +253,8 @@ class TransformerWeights:
         w = self.layers[layer]
         k, v = self.expand_kv(k), self.expand_kv(v)
         if self.eager(w):
-            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale, w.window)
+            z = self.eager_attention(q, k, v, 1.0 / w.attn_scale, w.window,
+                                     self.alibi(slice(None), k.shape[2]))
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                scale=1.0 / w.attn_scale)
@@ -249,18 +264,23 @@ class TransformerWeights:
         """Whether a block's attention needs ``eager_attention`` (float32 steps, a sliding
         window or soft caps) rather than ``scaled_dot_product_attention``."""
         return (self.softmax_dtype is not None or self.scores_dtype is not None
-                or w.window is not None or self.attn_softcap is not None)
+                or w.window is not None or self.attn_softcap is not None
+                or self.alibi_slopes is not None)
 
     def eager_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float, window: int | None = None) -> torch.Tensor:
+                         scale: float, window: int | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
         """Attention as Hugging Face's eager code computes it, with its float32 steps. Keys
         cover positions 0.. and queries the last ones (the bottom-right causal triangle);
-        ``window`` hides the keys ``window`` or more positions back."""
+        ``window`` hides the keys ``window`` or more positions back; ``bias`` (ALiBi, per head
+        and key) is added to the scaled scores."""
         if self.scores_dtype is not None:
             q32, k32 = q.to(self.scores_dtype), k.to(self.scores_dtype)
             scores = (torch.matmul(q32, k32.transpose(-1, -2)) * scale).to(q.dtype)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
         if self.attn_softcap is not None:
             scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
         if self.causal:
@@ -343,6 +363,8 @@ class TransformerWeights:
             return obj
 
         fields = {k: conv(v) for k, v in vars(self).items() if k != "layers"}
+        if self.alibi_slopes is not None:          # float32 whatever the run's dtype, as in HF
+            fields["alibi_slopes"] = self.alibi_slopes.to(device)
         return TransformerWeights(layers=[conv(x) for x in self.layers], **fields)
 
 
@@ -467,6 +489,21 @@ def _weight_surface(model: Any, attn_only: bool) -> dict[str, torch.Tensor]:
     return t
 
 
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's head slopes (Press et al. 2022) in float32: for the largest power of two p <= n,
+    the geometric sequence 2^(-8 i / p), i = 1..p; the remaining heads take every other term of
+    the sequence for 2p."""
+    def geometric(p: int, count: int, step: int) -> torch.Tensor:
+        base = torch.full((), 2 ** (-(2 ** -(math.log2(p) - 3))), dtype=torch.float32)
+        return torch.pow(base, torch.arange(1, 1 + step * count, step, dtype=torch.int32))
+
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = geometric(p, p, 1)
+    if p < n_heads:
+        slopes = torch.cat([slopes, geometric(2 * p, min(p, n_heads - p), 2)])
+    return slopes
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -511,7 +548,10 @@ def _read_weights(model: Any, cfg: Any) -> TransformerWeights:
                          getattr(cfg, "final_rms", False) and "RMS" or kind, eps)
         act_name = getattr(cfg, "act_fn", None)
     model_type = str(getattr(hf_config, "model_type", ""))
+    if model_type == "bloom":                 # its config names no activation
+        act_name = "bloom_gelu"
     attn_bridge = type(submodule(model, "blocks.0.attn")).__name__
+    bloom = model_type == "bloom"
     W_U = model.W_U
     return TransformerWeights(
         W_E=_clone(model.W_E),
@@ -538,7 +578,9 @@ def _read_weights(model: Any, cfg: Any) -> TransformerWeights:
         # GPT-J's computes q.k in float32 too. GPT-NeoX's and Falcon's bridges use the model's
         # dtype throughout.
         softmax_dtype=(torch.float32 if attn_bridge == "PositionEmbeddingsAttentionBridge"
-                       else None),
+                       or bloom else None),
+        alibi_slopes=alibi_slopes(n_heads) if bloom else None,
+        embed_norm=_bridge_norm(model, sd, "embed_ln", "LN", eps) if bloom else None,
         scores_dtype=torch.float32 if model_type == "gptj" else None,
     )
 

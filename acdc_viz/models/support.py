@@ -25,6 +25,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
+    # Bloom's tanh GELU, with its own rounded constant sqrt(2 / pi) ~ 0.79788456
+    "bloom_gelu": lambda x: x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
 }
 NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 QK_NORMS = "q/k norms (Phi with qk_layernorm, Llama 4)"
@@ -34,10 +36,10 @@ QK_NORMS_ACROSS_HEADS = ("q/k norms over all heads together (OLMo 2): one head's
 #: What ACDC runs on and what the adapter reads, for the messages of refused models.
 SUPPORTED_FAMILIES = (
     "ACDC runs today on GPT-2-style decoder-only models (learned or shortformer positions, "
-    "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP) and on rotary "
-    "models with multi-head, grouped-query or multi-query attention, sequential or parallel blocks "
-    "(Llama 2/3, Qwen2/2.5, Qwen3, Mistral, OLMo, Gemma, Gemma 2 with its sandwich norms, "
-    "GPT-NeoX/Pythia, Phi, GPT-J, Falcon-7B-style)."
+    "LayerNorm/RMSNorm or none, attention-only, or with a plain or gated MLP), on rotary "
+    "models with multi-head, grouped-query or multi-query attention and sequential or parallel "
+    "blocks (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, OLMo, Gemma, Gemma 2 with its sandwich "
+    "norms, GPT-NeoX/Pythia, Phi, GPT-J, Falcon-7B-style) and on Bloom (ALiBi)."
 )
 
 
@@ -102,8 +104,9 @@ def config_problems(config: Any) -> list[str]:
                   if getattr(config, f, None) is not None]
     if multimodal:
         problems.append(f"a multimodal model ({', '.join(multimodal)}; LLaVA, Gemma 3, ...)")
-    if getattr(config, "alibi", False) or model_type in ("bloom", "mpt"):
-        problems.append("ALiBi position biases (Bloom, Falcon-RW, MPT)")
+    if getattr(config, "alibi", False) or model_type == "mpt":      # Bloom's is read
+        problems.append("ALiBi position biases outside Bloom (Falcon-RW, MPT: their bridges "
+                        "offer no per-head input hooks to check it against)")
     if getattr(config, "clip_qkv", None) is not None:
         problems.append(f"q/k/v clipping (clip_qkv={config.clip_qkv}; OLMo)")
     if getattr(config, "new_decoder_architecture", False):
@@ -142,8 +145,9 @@ def _module_problems(model: Any) -> list[str]:
         if norm is not None and (weight is None or d_head is None
                                  or tuple(weight.shape) != (int(d_head),)):
             problems.append(QK_NORMS_ACROSS_HEADS)
-    if getattr(model, "embed_ln", None) is not None:
-        problems.append("a LayerNorm right after the embedding (Bloom)")
+    if getattr(model, "embed_ln", None) is not None and hf_model(model) is None:
+        problems.append("a LayerNorm right after the embedding (Bloom) on a model without its "
+                        "Hugging Face original")
     return problems
 
 
@@ -151,13 +155,13 @@ def _cfg_problems(cfg: Any, hf: Any) -> list[str]:
     """Features named by the TransformerLens config."""
     problems = []
     pos = getattr(cfg, "positional_embedding_type", "standard")
-    if pos == "alibi":
-        problems.append("ALiBi position biases (Bloom, Falcon-RW, MPT)")
+    if pos == "alibi" and (hf is None or hf.config.model_type != "bloom"):
+        problems.append("ALiBi position biases outside Bloom (Falcon-RW, MPT)")
     elif pos == "rotary" and hf is None:
         problems.append("rotary embeddings (positional_embedding_type='rotary') on a model without "
                         "its Hugging Face original: rotary models are read through a "
                         "TransformerLens 4 bridge (TransformerBridge.boot_transformers)")
-    elif pos not in ("standard", None, "rotary"):
+    elif pos not in ("standard", None, "rotary", "alibi"):
         problems.append(f"positional_embedding_type={pos!r} (supported: 'standard', 'rotary')")
     if getattr(cfg, "normalization_type", None) not in NORMS:
         problems.append(f"normalization_type={cfg.normalization_type!r} (supported: {NORMS})")
@@ -171,8 +175,9 @@ def _cfg_problems(cfg: Any, hf: Any) -> list[str]:
     if hf is None and getattr(cfg, "use_normalization_before_and_after", False):
         problems.append("sandwich norms on a model without its Hugging Face original (a "
                         "TransformerLens 3 HookedTransformer): use_normalization_before_and_after")
-    if getattr(cfg, "post_embedding_ln", False):
-        problems.append("a LayerNorm right after the embedding (Bloom): post_embedding_ln=True")
+    if getattr(cfg, "post_embedding_ln", False) and hf is None:
+        problems.append("a LayerNorm right after the embedding (Bloom) on a model without its "
+                        "Hugging Face original: post_embedding_ln=True")
     if hf is None and (getattr(cfg, "attn_scores_soft_cap", -1.0) > 0
                        or getattr(cfg, "output_logits_soft_cap", -1.0) > 0):
         problems.append("soft-capping of attention scores or logits (Gemma 2)")  # else: HF's
