@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from acdc_viz.graph import QKV, CircuitGraph, Edge
-from acdc_viz.models.adapter import TransformerWeights
+from acdc_viz.models.adapter import LayerWeights, TransformerWeights
 from acdc_viz.pass_inputs import (
     Activations,
     GroupInputs,
@@ -87,6 +87,12 @@ def full_run(weights: TransformerWeights, tokens: torch.Tensor,
             resid = resid + out
     return FullRun(torch.stack(sources), resid_pre, resid_mid, resid, kv,
                    unembed(weights, resid, last_position_only))
+
+
+def _chain(steps: list[Callable[[torch.Tensor], torch.Tensor]], t: torch.Tensor) -> torch.Tensor:
+    for step in steps:
+        t = step(t)
+    return t
 
 
 def _norm_proj(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, W: torch.Tensor,
@@ -208,10 +214,9 @@ class PassRunner:
                  "v": (range(n_kv), kv_of[True])}
         biases = self.weights.qkv_biases(layer, query_from, first_pos, self.seq_len)
         weights = (layer_weights.W_Q, layer_weights.W_K, layer_weights.W_V)
-        # q's rows are positions query_from.., k's and v's first_pos..; only q and k are normed
-        # (Qwen3) and rotated.
-        finish = (self._finish(layer_weights.q_norm, query_from),
-                  self._finish(layer_weights.k_norm, first_pos), None)
+        # q's rows are positions query_from.., k's and v's first_pos..
+        finish = (self._finish(layer_weights, "q", query_from),
+                  self._finish(layer_weights, "k", first_pos), self._finish(layer_weights, "v", 0))
         shared, dependent = [], []
         for i, (letter, W, b) in enumerate(zip(QKV, weights, biases, strict=True)):
             positions = slice(query_from - first_pos, None) if letter == "q" else slice(None)
@@ -278,16 +283,25 @@ class PassRunner:
 
         self._store(state, from_pos, dep_sources=[source], dep_out=per_hypothesis)
 
-    def _finish(self, norm: Callable[[torch.Tensor], torch.Tensor] | None,
+    def _finish(self, layer_weights: LayerWeights, letter: str,
                 start: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """What follows the projection of q or k rows at positions ``start..``: their per-head
-        norm (Qwen3), then the rotary embedding; None when there is neither."""
-        rotary = self.weights.rotary
-        rotate = None if rotary is None else partial(rotary.rotate, start=start,
-                                                      seq_len=self.seq_len)
-        if norm is None or rotate is None:
-            return norm or rotate
-        return lambda t: rotate(norm(t))
+        """What follows the projection of q, k or v rows at positions ``start..``, in Hugging
+        Face's order: clipping (OLMo's clip_qkv), then for q and k their per-head norm (Qwen3)
+        and the rotary embedding; None when there is nothing."""
+        steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        clip = layer_weights.clip_qkv
+        if clip is not None:
+            steps.append(partial(torch.clamp, min=-clip, max=clip))
+        if letter != "v":
+            norm = layer_weights.q_norm if letter == "q" else layer_weights.k_norm
+            if norm is not None:
+                steps.append(norm)
+            if self.weights.rotary is not None:
+                steps.append(partial(self.weights.rotary.rotate, start=start,
+                                     seq_len=self.seq_len))
+        if not steps:
+            return None
+        return steps[0] if len(steps) == 1 else partial(_chain, steps)
 
     def _heads_out(self, state: PassState, layer: int, head_index: slice | torch.Tensor,
                    kv_index: slice | torch.Tensor, kv_slots: list[int], q: torch.Tensor,

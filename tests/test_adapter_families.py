@@ -56,13 +56,13 @@ SUPPORTED = {
     "phi": (8, False, 4, False, True, False, True, False, True, None),
     "gptj": (8, True, 4, False, True, False, False, True, True, None),
     "olmo": (16, False, 4, True, False, True, True, False, False, None),
+    "olmo-clip-qkv": (16, False, 4, True, False, True, True, False, False, None),
     "falcon": (16, False, 1, False, True, False, False, False, False, None),
     "bloom": (None, False, 4, False, False, True, True, False, False, None),   # ALiBi
 }
 #: Refused families: the words the ModelSupportError must contain.
 REFUSED = {
     "olmo2": ["post-norms without pre-norms", "q/k norms over all heads"],
-    "olmo-clip-qkv": ["clip_qkv=0.5"],
     "falcon-new-decoder": ["new_decoder_architecture"],
     "falcon-alibi": ["ALiBi"],
 }
@@ -293,3 +293,14 @@ def test_engine_runs_a_gated_mlp_exactly(gated_no_rotary, ablation, positions, h
         assert ours.metric_after == pytest.approx(theirs.metric_after, rel=1e-5, abs=1e-6)
     removed = sum(s.removed for s in trace.steps)
     assert 0 < removed < len(trace.steps)
+
+
+def test_clip_qkv_bites(family):
+    """OLMo's clip_qkv (0.5 here) clamps q, k and v right after their projection: without it the
+    adapter's logits would differ from the bridge's, so the exactness checks test it."""
+    fm = family("olmo-clip-qkv")
+    weights = from_model(fm.bridge)
+    assert {layer.clip_qkv for layer in weights.layers} == {0.5}
+    unclipped = dataclasses.replace(weights, layers=[dataclasses.replace(layer, clip_qkv=None)
+                                                     for layer in weights.layers])
+    assert _max_error(fm, weights) <= TOLERANCE < 1e-3 < _max_error(fm, unclipped)

@@ -36,7 +36,8 @@ METRIC_TOLERANCE = 1e-9
 FULL = [(a, p) for a in ("resample", "zero", "mean") for p in (False, True)]
 SOME = [("resample", False), ("zero", True), ("mean", False)]
 CASES = {"llama-mha": FULL, "llama-mha-yarn": [("resample", False)],
-         "gpt_neox-sequential": SOME, "olmo": SOME, "gemma-mha": SOME}
+         "gpt_neox-sequential": SOME, "olmo": SOME, "gemma-mha": SOME,
+         "olmo-clip-qkv": SOME}
 HYPOTHESES = (1, 4, None)
 
 

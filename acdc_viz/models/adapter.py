@@ -124,6 +124,9 @@ class LayerWeights:
     q_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     """A norm of each head's query after its projection, before rotary (Qwen3); None: none."""
     k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    clip_qkv: float | None = None
+    """q, k and v are clamped to [-clip_qkv, clip_qkv] right after their projection (OLMo);
+    elementwise, so per head. None: no clipping."""
     window: int | None = None
     """Sliding-window attention (Mistral): a query sees only the keys less than ``window``
     positions back; None: every earlier key."""
@@ -316,6 +319,8 @@ class TransformerWeights:
             torch.einsum("bpd,hde->bhpe", normed, W) + b[None]
             for W, b in zip((w.W_Q, w.W_K, w.W_V), biases, strict=True)
         )
+        if w.clip_qkv is not None:
+            q, k, v = (t.clamp(-w.clip_qkv, w.clip_qkv) for t in (q, k, v))
         q = q if w.q_norm is None else w.q_norm(q)
         k = k if w.k_norm is None else w.k_norm(k)
         if self.rotary is not None:
@@ -452,6 +457,8 @@ def _read_layer(model: Any, cfg: Any, sd: dict[str, torch.Tensor], layer: int,
     hf = hf_model(model)
     if hf is not None:
         lw.window = sliding_windows(hf.config, int(cfg.n_layers))[layer]
+        clip = getattr(hf.config, "clip_qkv", None)
+        lw.clip_qkv = None if clip is None else float(clip)
     if "W_in" not in tensors:
         return lw
     own_ln2 = (submodule(model, f"{prefix}.ln2") is not None or f"{prefix}.ln2.weight" in sd

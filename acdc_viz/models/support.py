@@ -107,8 +107,6 @@ def config_problems(config: Any) -> list[str]:
     if getattr(config, "alibi", False) or model_type == "mpt":      # Bloom's is read
         problems.append("ALiBi position biases outside Bloom (Falcon-RW, MPT: their bridges "
                         "offer no per-head input hooks to check it against)")
-    if getattr(config, "clip_qkv", None) is not None:
-        problems.append(f"q/k/v clipping (clip_qkv={config.clip_qkv}; OLMo)")
     if getattr(config, "new_decoder_architecture", False):
         problems.append("Falcon's new_decoder_architecture (Falcon-40B/180B: TransformerLens 4.3 "
                         "splits its grouped fused QKV wrongly)")
